@@ -1,0 +1,178 @@
+//! Checkpoints in the Hugging Face layout: `config.json` beside `model.safetensors`, or beside
+//! sharded `model-*.safetensors` with `model.safetensors.index.json`. Opening reads headers only.
+
+pub mod hub_cache;
+pub mod safetensors_file;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use memmap2::Mmap;
+use safetensors_file::{SafetensorsFile, TensorEntry};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// An opened model: where it lives, its `config.json`, and the header of every tensor.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The reference as written in the config (a path or `org/name[@rev]`).
+    pub reference: String,
+    pub dir: PathBuf,
+    pub config: serde_json::Value,
+    files: Vec<SafetensorsFile>,
+    /// Tensor name → index into `files`.
+    locations: BTreeMap<String, usize>,
+}
+
+/// Where one input tensor's bytes are, cheap to clone into merge tasks.
+#[derive(Debug, Clone)]
+pub struct TensorSource {
+    pub map: Arc<Mmap>,
+    pub path: Arc<Path>,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl TensorSource {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The stored bytes of elements `first..first + count`.
+    pub fn bytes(&self, first: usize, count: usize) -> &[u8] {
+        let size = self.dtype.size();
+        let begin = self.start + first * size;
+        &self.map[begin..begin + count * size]
+    }
+}
+
+impl Checkpoint {
+    /// Opens a local directory, or a repo id from the Hugging Face cache.
+    pub fn open(reference: &str) -> Result<Checkpoint> {
+        let local = Path::new(reference);
+        let dir = if local.is_dir() {
+            local.to_path_buf()
+        } else if hub_cache::is_repo_id(reference) {
+            hub_cache::resolve(reference)?
+        } else {
+            return Err(Error::ModelNotFound {
+                model: reference.to_string(),
+                message: "no such directory".into(),
+            });
+        };
+        Self::open_dir(reference, &dir)
+    }
+
+    fn open_dir(reference: &str, dir: &Path) -> Result<Checkpoint> {
+        let config_path = dir.join(CONFIG_FILE);
+        let config = read_json(&config_path).map_err(|e| match e {
+            Error::Io { .. } => Error::ModelNotFound {
+                model: reference.to_string(),
+                message: format!("{} has no {CONFIG_FILE}", dir.display()),
+            },
+            other => other,
+        })?;
+        let index_path = dir.join(INDEX_FILE);
+        let (files, locations) = if index_path.is_file() {
+            open_sharded(&index_path, dir)?
+        } else if dir.join(SINGLE_FILE).is_file() {
+            let file = SafetensorsFile::open(&dir.join(SINGLE_FILE))?;
+            let locations = file.tensors.keys().map(|n| (n.clone(), 0)).collect();
+            (vec![file], locations)
+        } else {
+            return Err(Error::ModelNotFound {
+                model: reference.to_string(),
+                message: format!(
+                    "{} has neither {SINGLE_FILE} nor {INDEX_FILE}",
+                    dir.display()
+                ),
+            });
+        };
+        Ok(Checkpoint {
+            reference: reference.to_string(),
+            dir: dir.to_path_buf(),
+            config,
+            files,
+            locations,
+        })
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.locations.keys().map(String::as_str)
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        let file = &self.files[*self.locations.get(name)?];
+        file.tensors.get(name)
+    }
+
+    pub fn source(&self, name: &str) -> Option<TensorSource> {
+        let file = &self.files[*self.locations.get(name)?];
+        let entry = file.tensors.get(name)?;
+        Some(TensorSource {
+            map: file.map.clone(),
+            path: Arc::from(file.path.as_path()),
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+            start: entry.start,
+            len: entry.len,
+        })
+    }
+
+    /// Every file of this model that fusekit might read, for the "output inside input" check.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|f| f.path.as_path())
+    }
+}
+
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))
+}
+
+type ShardSet = (Vec<SafetensorsFile>, BTreeMap<String, usize>);
+
+fn open_sharded(index_path: &Path, dir: &Path) -> Result<ShardSet> {
+    let index = read_json(index_path)?;
+    let weight_map = index
+        .get("weight_map")
+        .and_then(|w| w.as_object())
+        .ok_or_else(|| Error::bad_file(index_path, "no `weight_map` object"))?;
+    let mut shard_ids: BTreeMap<String, usize> = BTreeMap::new();
+    let mut files = Vec::new();
+    let mut locations = BTreeMap::new();
+    for (tensor, shard) in weight_map {
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| Error::bad_file(index_path, format!("`weight_map.{tensor}` is not a file name")))?;
+        if shard.contains('/') || shard.contains("..") {
+            return Err(Error::bad_file(index_path, format!("shard name `{shard}` leaves the model directory")));
+        }
+        let id = match shard_ids.get(shard) {
+            Some(&id) => id,
+            None => {
+                let path = dir.join(shard);
+                if !path.is_file() {
+                    return Err(Error::bad_file(index_path, format!("shard `{shard}` listed for `{tensor}` does not exist")));
+                }
+                files.push(SafetensorsFile::open(&path)?);
+                shard_ids.insert(shard.to_string(), files.len() - 1);
+                files.len() - 1
+            }
+        };
+        if !files[id].tensors.contains_key(tensor) {
+            return Err(Error::bad_file(
+                &files[id].path,
+                format!("tensor `{tensor}` is listed in {INDEX_FILE} but missing from this shard"),
+            ));
+        }
+        locations.insert(tensor.clone(), id);
+    }
+    Ok((files, locations))
+}

@@ -1,0 +1,180 @@
+//! mergekit's YAML config: typed schema, loading with line numbers, and parameter values.
+//! Semantics follow mergekit (shared/specs/mergekit.md §2); see `params` for value resolution.
+
+pub mod params;
+
+use crate::error::{Error, Result};
+pub use params::{ParamMap, ParamValue, Scalar};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::path::Path;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeConfig {
+    pub merge_method: Spanned<String>,
+    #[serde(default)]
+    pub base_model: Option<Spanned<String>>,
+    #[serde(default)]
+    pub models: Option<Vec<InputModel>>,
+    #[serde(default)]
+    pub slices: Option<Vec<InputSlice>>,
+    #[serde(default)]
+    pub modules: Option<Spanned<serde_json::Value>>,
+    #[serde(default)]
+    pub parameters: Option<ParamMap>,
+    #[serde(default)]
+    pub dtype: Option<Spanned<String>>,
+    #[serde(default)]
+    pub out_dtype: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tokenizer_source: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tokenizer: Option<Spanned<serde_json::Value>>,
+    #[serde(default)]
+    pub chat_template: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputModel {
+    pub model: Spanned<String>,
+    #[serde(default)]
+    pub parameters: Option<ParamMap>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSlice {
+    pub sources: Vec<SliceSource>,
+    #[serde(default)]
+    pub base_model: Option<Spanned<String>>,
+    /// Parsed for compatibility; mergekit ignores it too.
+    #[serde(default)]
+    pub residual_weight: Option<f64>,
+    #[serde(default)]
+    pub parameters: Option<ParamMap>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SliceSource {
+    pub model: Spanned<String>,
+    pub layer_range: Spanned<[usize; 2]>,
+    #[serde(default)]
+    pub parameters: Option<ParamMap>,
+}
+
+/// A config together with its source text (written beside the output) and where it came from.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    pub config: MergeConfig,
+    pub text: String,
+    pub origin: String,
+}
+
+pub fn line_of<T>(s: &Spanned<T>) -> u64 {
+    s.referenced.line()
+}
+
+/// A config error that points at a line.
+pub fn error_at<T>(s: &Spanned<T>, key: &str, message: impl std::fmt::Display) -> Error {
+    Error::config(format!("`{key}` (line {}): {message}", line_of(s)))
+}
+
+pub fn load(path: &Path) -> Result<LoadedConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse(&text, &path.display().to_string())
+}
+
+pub fn parse(text: &str, origin: &str) -> Result<LoadedConfig> {
+    let config: MergeConfig = serde_saphyr::from_str(text)
+        .map_err(|e| Error::config(format!("{origin}: {e}")))?;
+    validate_shape(&config)?;
+    Ok(LoadedConfig {
+        config,
+        text: text.to_string(),
+        origin: origin.to_string(),
+    })
+}
+
+fn validate_shape(c: &MergeConfig) -> Result<()> {
+    if let Some(m) = &c.modules {
+        return Err(error_at(m, "modules", "multi-module configs are not supported yet; use `models` or `slices`"));
+    }
+    if let Some(t) = &c.tokenizer {
+        return Err(error_at(t, "tokenizer", "the `tokenizer` block (vocabulary union) is not supported yet; use `tokenizer_source: base` or a model"));
+    }
+    match (&c.models, &c.slices) {
+        (Some(_), Some(_)) => Err(Error::config("give either `models` or `slices`, not both")),
+        (None, None) => Err(Error::config("one of `models` or `slices` is required")),
+        (Some(m), None) if m.is_empty() => Err(Error::config("`models` is empty")),
+        (None, Some(s)) if s.is_empty() => Err(Error::config("`slices` is empty")),
+        _ => Ok(()),
+    }?;
+    for slice in c.slices.iter().flatten() {
+        for source in &slice.sources {
+            let [a, b] = source.layer_range.value;
+            if a >= b {
+                return Err(error_at(&source.layer_range, "layer_range", format!("[{a}, {b}] is empty")));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIES: &str = "models:
+  - model: a
+    # no parameters necessary for base model
+  - model: b
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1]
+  - model: c
+    parameters:
+      density: 0.5
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: a
+parameters:
+  normalize: true
+dtype: float16
+";
+
+    #[test]
+    fn parses_mergekit_ties_example() {
+        let c = parse(TIES, "t.yml").unwrap().config;
+        assert_eq!(c.merge_method.value, "ties");
+        let models = c.models.unwrap();
+        assert_eq!(models.len(), 3);
+        let b = models[1].parameters.as_ref().unwrap();
+        assert_eq!(b["density"].referenced.line(), 6);
+        assert!(matches!(ParamValue::parse("weight", &b["weight"]).unwrap(), ParamValue::List(_)));
+    }
+
+    #[test]
+    fn misspelled_key_names_key_and_line() {
+        let err = parse("merge_methd: linear\nmodels: []\n", "x.yml").unwrap_err().to_string();
+        assert!(err.contains("merge_methd") && err.contains("line 1"), "{err}");
+        let err = parse("merge_method: linear\nmodels:\n  - model: a\n    paramters: {}\n", "x.yml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("paramters") && err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn rejects_empty_and_ambiguous_inputs() {
+        assert!(parse("merge_method: linear\n", "x").is_err());
+        let err = parse("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [3, 3]\n", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("layer_range") && err.contains("line 5"), "{err}");
+    }
+}

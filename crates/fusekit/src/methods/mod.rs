@@ -1,0 +1,194 @@
+//! Merge methods. Each file holds one method: its math and paper in a doc comment, its parameters
+//! and defaults in a `MethodSpec`, the per-tensor merger, and a test against a plain formula.
+//!
+//! A method sees one output tensor at a time, in fixed-size blocks (`kernels::BLOCK`) of every
+//! input decoded to f32. Methods that need whole-tensor statistics (TIES top-k, DARE's L1
+//! rescale, SLERP's angle) ask for statistics passes over the blocks before `apply`; the executor
+//! decides whether the blocks come from memory or are streamed again from the mapped files.
+
+mod dare_linear;
+mod dare_ties;
+mod gta;
+mod linear;
+mod passthrough;
+mod slerp;
+mod task_arithmetic;
+mod ties;
+
+use crate::config::Scalar;
+use crate::error::Result;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// One value per output tensor.
+    Global,
+    /// One value per input model, the base included.
+    PerInput,
+    /// One value per input model except the base.
+    NonBase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamType {
+    Float,
+    Bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub scope: Scope,
+    pub ty: ParamType,
+    /// `None` means required (except for the base model under `NonBase`).
+    pub default: Option<Default>,
+    pub doc: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Default {
+    Float(f64),
+    Bool(bool),
+    /// Optional without a value (e.g. passthrough's `scale`).
+    Unset,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasePolicy {
+    Unused,
+    Optional,
+    Required,
+}
+
+#[derive(Debug)]
+pub struct MethodSpec {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub reference: &'static str,
+    pub params: &'static [ParamSpec],
+    pub base: BasePolicy,
+    pub min_inputs: usize,
+    pub max_inputs: Option<usize>,
+    pub uses_rng: bool,
+}
+
+/// Parameter values resolved for one output tensor.
+#[derive(Debug, Clone, Default)]
+pub struct ResolvedParams {
+    pub global: BTreeMap<&'static str, Scalar>,
+    /// Indexed like the task's inputs.
+    pub per_input: Vec<BTreeMap<&'static str, Scalar>>,
+}
+
+impl ResolvedParams {
+    pub fn float(&self, name: &str) -> Option<f64> {
+        self.global.get(name).and_then(Scalar::as_f64)
+    }
+
+    pub fn flag(&self, name: &str) -> Option<bool> {
+        self.global.get(name).and_then(Scalar::as_bool)
+    }
+
+    pub fn input_float(&self, input: usize, name: &str) -> Option<f64> {
+        self.per_input.get(input)?.get(name).and_then(Scalar::as_f64)
+    }
+}
+
+/// What a method knows about the tensor it merges.
+pub struct TensorContext<'a> {
+    pub name: &'a str,
+    pub numel: usize,
+    pub n_inputs: usize,
+    pub base: Option<usize>,
+    pub params: &'a ResolvedParams,
+    /// One random stream key per input (see `rng`).
+    pub rng_keys: &'a [u64],
+    /// Values that mergekit converts into the compute dtype (e.g. weights) are rounded with this.
+    pub round: fn(f32) -> f32,
+}
+
+/// How many statistics passes a method may ask for.
+pub const MAX_PASSES: usize = 4;
+
+/// The per-tensor state of a merge.
+pub trait TensorMerger: Send + Sync {
+    /// Whether statistics pass `pass` (0 .. MAX_PASSES, asked in order) is needed before `apply`.
+    fn wants_pass(&self, _pass: usize) -> bool {
+        false
+    }
+    /// One block of every input, in index order within a pass.
+    fn observe(&mut self, _pass: usize, _start: usize, _inputs: &[&[f32]]) {}
+    fn end_pass(&mut self, _pass: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Writes the merged values of one block. Blocks may come in any order.
+    fn apply(&self, start: usize, inputs: &[&[f32]], out: &mut [f32]);
+}
+
+pub trait Method: Send + Sync {
+    fn spec(&self) -> &'static MethodSpec;
+    fn merger(&self, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>>;
+}
+
+static METHODS: &[&dyn Method] = &[
+    &linear::Linear,
+    &task_arithmetic::TaskArithmetic,
+    &ties::Ties,
+    &dare_ties::DareTies,
+    &dare_linear::DareLinear,
+    &slerp::Slerp,
+    &passthrough::Passthrough,
+];
+
+pub fn all() -> &'static [&'static dyn Method] {
+    METHODS
+}
+
+pub fn lookup(name: &str) -> Option<&'static dyn Method> {
+    METHODS.iter().copied().find(|m| m.spec().name == name)
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Runs a merger the way the executor does, over one in-memory tensor.
+    use super::*;
+    use crate::kernels::BLOCK;
+
+    pub fn run(method: &dyn Method, inputs: &[Vec<f32>], base: Option<usize>, params: ResolvedParams, seed: u64) -> Vec<f32> {
+        let numel = inputs[0].len();
+        let keys: Vec<u64> = (0..inputs.len()).map(|i| crate::rng::stream_key(seed, "t", i)).collect();
+        let ctx = TensorContext { name: "t", numel, n_inputs: inputs.len(), base, params: &params, rng_keys: &keys, round: |x| x };
+        let mut merger = method.merger(&ctx).unwrap();
+        for pass in 0..MAX_PASSES {
+            if !merger.wants_pass(pass) {
+                continue;
+            }
+            for start in (0..numel).step_by(BLOCK) {
+                let end = (start + BLOCK).min(numel);
+                let blocks: Vec<&[f32]> = inputs.iter().map(|x| &x[start..end]).collect();
+                merger.observe(pass, start, &blocks);
+            }
+            merger.end_pass(pass).unwrap();
+        }
+        let mut out = vec![0f32; numel];
+        for start in (0..numel).step_by(BLOCK) {
+            let end = (start + BLOCK).min(numel);
+            let blocks: Vec<&[f32]> = inputs.iter().map(|x| &x[start..end]).collect();
+            merger.apply(start, &blocks, &mut out[start..end]);
+        }
+        out
+    }
+
+    pub fn params(global: &[(&'static str, Scalar)], per_input: Vec<Vec<(&'static str, Scalar)>>) -> ResolvedParams {
+        ResolvedParams {
+            global: global.iter().cloned().collect(),
+            per_input: per_input.into_iter().map(|p| p.into_iter().collect()).collect(),
+        }
+    }
+
+    /// Deterministic pseudo-random test data.
+    pub fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let key = crate::rng::stream_key(seed, "data", 0);
+        (0..n).map(|i| (crate::rng::uniform(key, i as u64) as f32 - 0.5) * 2.0 * scale).collect()
+    }
+}
