@@ -1,1 +1,164 @@
-fn main(){}
+//! The `fusekit` command line: a thin layer over the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use fusekit::dtype::Dtype;
+use fusekit::fixtures::{self, Family, ModelSpec};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "fusekit", version, about = "Fuse neural networks: streaming, reproducible merges of Hugging Face checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Merge models as described by a mergekit-style YAML config.
+    Merge {
+        config: PathBuf,
+        out: PathBuf,
+        /// Print the plan (tensors, method per tensor, shards, bytes) and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Largest output shard in bytes.
+        #[arg(long, default_value_t = 5_000_000_000)]
+        max_shard_size: usize,
+        /// Working-memory bound in bytes (accepts K, M, G suffixes).
+        #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+        memory_budget: usize,
+        /// Worker threads (0 = all cores). The output does not depend on it.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Seed of random methods (DARE).
+        #[arg(long, default_value_t = 0)]
+        random_seed: u64,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List the merge methods with their parameters and defaults.
+    Methods,
+    /// Write a deterministic synthetic checkpoint (tests, examples, benchmarks).
+    MakeModel {
+        out: PathBuf,
+        #[arg(long, default_value = "llama")]
+        family: String,
+        /// `tiny` (a few thousand parameters) or `1b` (Llama-shaped, ~1.2 B parameters).
+        #[arg(long, default_value = "tiny")]
+        size: String,
+        #[arg(long, default_value = "bfloat16")]
+        dtype: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Make a fine-tune of the base: the seed of its noise.
+        #[arg(long)]
+        finetune_seed: Option<u64>,
+        /// Scale of the fine-tune noise.
+        #[arg(long, default_value_t = 0.01)]
+        finetune_scale: f32,
+        #[arg(long, default_value_t = usize::MAX)]
+        max_shard_size: usize,
+    },
+    /// Benchmark fusekit against mergekit and the I/O roofline on a generated 1B model.
+    Bench(bench::BenchArgs),
+}
+
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: usize = digits.parse().map_err(|_| format!("`{text}` is not a byte count"))?;
+    let scale = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("unknown unit in `{text}`")),
+    };
+    Ok(n * scale)
+}
+
+struct Bar(ProgressBar);
+
+impl fusekit::exec::Progress for Bar {
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Merge { config, out, dry_run, force, max_shard_size, memory_budget, threads, random_seed, quiet } => {
+            let loaded = fusekit::config::load(&config)?;
+            let plan_options = fusekit::plan::PlanOptions { max_shard_size, seed: random_seed };
+            let plan = fusekit::plan::build(&loaded, &plan_options)?;
+            if dry_run {
+                print!("{plan}");
+                return Ok(());
+            }
+            let bar = ProgressBar::new(plan.total_bytes() as u64);
+            if quiet {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("valid template"));
+            let exec = fusekit::exec::ExecOptions { threads, memory_budget };
+            let write = fusekit::write::WriteOptions { force };
+            fusekit::write::write(&plan, &out, &exec, &write, &Bar(bar.clone()))?;
+            bar.finish_and_clear();
+            if !quiet {
+                eprintln!("wrote {} ({} tensors, {} shards, {} bytes)", out.display(), plan.tensors.len(), plan.shards.len(), plan.total_bytes());
+            }
+            Ok(())
+        }
+        Command::Methods => {
+            for m in fusekit::methods::all() {
+                let s = m.spec();
+                println!("{:<16} {} — {}", s.name, s.summary, s.reference);
+                for p in s.params {
+                    let default = match p.default {
+                        None => "required".to_string(),
+                        Some(fusekit::methods::Default::Float(x)) => format!("default {x}"),
+                        Some(fusekit::methods::Default::Bool(b)) => format!("default {b}"),
+                        Some(fusekit::methods::Default::Unset) => "optional".to_string(),
+                    };
+                    println!("    {:<10} {:<9} {:<12} {}", p.name, format!("{:?}", p.scope), default, p.doc);
+                }
+            }
+            Ok(())
+        }
+        Command::MakeModel { out, family, size, dtype, seed, finetune_seed, finetune_scale, max_shard_size } => {
+            let family = Family::parse(&family).with_context(|| format!("unknown family `{family}` (llama, mistral, qwen2, gpt2, bert)"))?;
+            let dtype = Dtype::from_config(&dtype)?;
+            let mut spec = match size.as_str() {
+                "tiny" => ModelSpec::tiny(family, dtype, seed),
+                "1b" if family == Family::Llama => ModelSpec { dtype, ..ModelSpec::llama_1b(seed) },
+                other => bail!("unknown size `{other}` (tiny, or 1b for llama)"),
+            };
+            spec.max_shard_bytes = max_shard_size.min(spec.max_shard_bytes);
+            if let Some(s) = finetune_seed {
+                spec = spec.finetuned(s, finetune_scale);
+            }
+            if out.exists() {
+                bail!("{} already exists", out.display());
+            }
+            fixtures::write_model(&spec, &out)?;
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args),
+    }
+}

@@ -60,7 +60,7 @@ impl SafetensorsFile {
             .map_err(|e| Error::bad_file(path, format!("cannot read header: {e}")))?;
         let data_start = 8 + header_len as usize;
         let (tensors, metadata, data_len) = parse_header(&header, data_start)
-            .map_err(|message| Error::bad_file(path, message))?;
+            .map_err(|message| Error::bad_file(path, format!("invalid header: {message}")))?;
         let expected = data_start as u64 + data_len as u64;
         if file_len != expected {
             return Err(Error::bad_file(

@@ -55,7 +55,7 @@ impl TensorMerger for LinearMerger {
         out.fill(0.0);
         for (x, &w) in inputs.iter().zip(&self.weights) {
             for (o, &v) in out.iter_mut().zip(x.iter()) {
-                *o += v * w;
+                *o = v.mul_add(w, *o);
             }
         }
         if self.divisor != 1.0 {

@@ -1,0 +1,269 @@
+//! Small and large checkpoints in the Hugging Face layout, built deterministically from a seed:
+//! test inputs, the models the mergekit reference script runs on, and the benchmark's 1B model.
+//! A fine-tune is its base plus seeded noise, so task vectors are small as in real fine-tunes.
+
+use crate::checkpoint::{CONFIG_FILE, INDEX_FILE};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::kernels::convert::encode;
+use crate::plan::shards;
+use crate::rng::{stream_key, uniform};
+use crate::write::shard::{create_with_header, encode_header};
+use rayon::prelude::*;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Gpt2,
+    Bert,
+}
+
+impl Family {
+    pub const ALL: [Family; 5] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Gpt2, Family::Bert];
+
+    pub fn parse(name: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Gpt2 => "gpt2",
+            Family::Bert => "bert",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub family: Family,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub vocab: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub dtype: Dtype,
+    /// Seed of the base weights.
+    pub seed: u64,
+    /// `(seed, scale)` of the noise added to make a fine-tune of the base.
+    pub finetune: Option<(u64, f32)>,
+    pub max_shard_bytes: usize,
+}
+
+impl ModelSpec {
+    pub fn tiny(family: Family, dtype: Dtype, seed: u64) -> ModelSpec {
+        ModelSpec { family, hidden: 32, intermediate: 64, layers: 4, vocab: 64, heads: 4, kv_heads: 2, dtype, seed, finetune: None, max_shard_bytes: usize::MAX }
+    }
+
+    /// A Llama shape of about 1.2 B parameters (bf16 ≈ 2.4 GB), for the benchmark.
+    pub fn llama_1b(seed: u64) -> ModelSpec {
+        ModelSpec { family: Family::Llama, hidden: 2048, intermediate: 5632, layers: 16, vocab: 32000, heads: 32, kv_heads: 8, dtype: Dtype::BF16, seed, finetune: None, max_shard_bytes: 1 << 30 }
+    }
+
+    pub fn finetuned(mut self, seed: u64, scale: f32) -> ModelSpec {
+        self.finetune = Some((seed, scale));
+        self
+    }
+
+    /// Every tensor: name, shape, and how it is initialised.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>, Init)> {
+        let (h, i, v) = (self.hidden, self.intermediate, self.vocab);
+        let kv = h / self.heads * self.kv_heads;
+        let w = |fan_in: usize| Init::Uniform(1.0 / (fan_in as f32).sqrt());
+        let mut t: Vec<(String, Vec<usize>, Init)> = Vec::new();
+        let mut add = |name: String, shape: Vec<usize>, init: Init| t.push((name, shape, init));
+        match self.family {
+            Family::Llama | Family::Mistral | Family::Qwen2 => {
+                add("model.embed_tokens.weight".into(), vec![v, h], Init::Uniform(0.5));
+                for l in 0..self.layers {
+                    let p = format!("model.layers.{l}");
+                    add(format!("{p}.input_layernorm.weight"), vec![h], Init::Norm);
+                    add(format!("{p}.post_attention_layernorm.weight"), vec![h], Init::Norm);
+                    add(format!("{p}.self_attn.q_proj.weight"), vec![h, h], w(h));
+                    add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], w(h));
+                    add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], w(h));
+                    add(format!("{p}.self_attn.o_proj.weight"), vec![h, h], w(h));
+                    if self.family == Family::Qwen2 {
+                        add(format!("{p}.self_attn.q_proj.bias"), vec![h], Init::Uniform(0.1));
+                        add(format!("{p}.self_attn.k_proj.bias"), vec![kv], Init::Uniform(0.1));
+                        add(format!("{p}.self_attn.v_proj.bias"), vec![kv], Init::Uniform(0.1));
+                    }
+                    add(format!("{p}.mlp.gate_proj.weight"), vec![i, h], w(h));
+                    add(format!("{p}.mlp.up_proj.weight"), vec![i, h], w(h));
+                    add(format!("{p}.mlp.down_proj.weight"), vec![h, i], w(i));
+                }
+                add("model.norm.weight".into(), vec![h], Init::Norm);
+                if self.family != Family::Qwen2 {
+                    add("lm_head.weight".into(), vec![v, h], w(h));
+                }
+            }
+            Family::Gpt2 => {
+                add("transformer.wte.weight".into(), vec![v, h], Init::Uniform(0.5));
+                add("transformer.wpe.weight".into(), vec![64, h], Init::Uniform(0.1));
+                for l in 0..self.layers {
+                    let p = format!("transformer.h.{l}");
+                    for ln in ["ln_1", "ln_2"] {
+                        add(format!("{p}.{ln}.weight"), vec![h], Init::Norm);
+                        add(format!("{p}.{ln}.bias"), vec![h], Init::Uniform(0.1));
+                    }
+                    add(format!("{p}.attn.c_attn.weight"), vec![h, 3 * h], w(h));
+                    add(format!("{p}.attn.c_attn.bias"), vec![3 * h], Init::Uniform(0.1));
+                    add(format!("{p}.attn.c_proj.weight"), vec![h, h], w(h));
+                    add(format!("{p}.attn.c_proj.bias"), vec![h], Init::Uniform(0.1));
+                    add(format!("{p}.mlp.c_fc.weight"), vec![h, i], w(h));
+                    add(format!("{p}.mlp.c_fc.bias"), vec![i], Init::Uniform(0.1));
+                    add(format!("{p}.mlp.c_proj.weight"), vec![i, h], w(i));
+                    add(format!("{p}.mlp.c_proj.bias"), vec![h], Init::Uniform(0.1));
+                }
+                add("transformer.ln_f.weight".into(), vec![h], Init::Norm);
+                add("transformer.ln_f.bias".into(), vec![h], Init::Uniform(0.1));
+            }
+            Family::Bert => {
+                add("embeddings.word_embeddings.weight".into(), vec![v, h], Init::Uniform(0.5));
+                add("embeddings.position_embeddings.weight".into(), vec![64, h], Init::Uniform(0.1));
+                add("embeddings.token_type_embeddings.weight".into(), vec![2, h], Init::Uniform(0.1));
+                add("embeddings.LayerNorm.weight".into(), vec![h], Init::Norm);
+                add("embeddings.LayerNorm.bias".into(), vec![h], Init::Uniform(0.1));
+                add("embeddings.position_ids".into(), vec![1, 64], Init::Positions);
+                for l in 0..self.layers {
+                    let p = format!("encoder.layer.{l}");
+                    for m in ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"] {
+                        add(format!("{p}.{m}.weight"), vec![h, h], w(h));
+                        add(format!("{p}.{m}.bias"), vec![h], Init::Uniform(0.1));
+                    }
+                    add(format!("{p}.intermediate.dense.weight"), vec![i, h], w(h));
+                    add(format!("{p}.intermediate.dense.bias"), vec![i], Init::Uniform(0.1));
+                    add(format!("{p}.output.dense.weight"), vec![h, i], w(i));
+                    add(format!("{p}.output.dense.bias"), vec![h], Init::Uniform(0.1));
+                    for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                        add(format!("{p}.{ln}.weight"), vec![h], Init::Norm);
+                        add(format!("{p}.{ln}.bias"), vec![h], Init::Uniform(0.1));
+                    }
+                }
+                add("pooler.dense.weight".into(), vec![h, h], w(h));
+                add("pooler.dense.bias".into(), vec![h], Init::Uniform(0.1));
+            }
+        }
+        t
+    }
+
+    pub fn config(&self) -> serde_json::Value {
+        let dtype = self.dtype.torch_name();
+        match self.family {
+            Family::Llama | Family::Mistral | Family::Qwen2 => {
+                let (arch, ty) = match self.family {
+                    Family::Llama => ("LlamaForCausalLM", "llama"),
+                    Family::Mistral => ("MistralForCausalLM", "mistral"),
+                    _ => ("Qwen2ForCausalLM", "qwen2"),
+                };
+                serde_json::json!({
+                    "architectures": [arch], "model_type": ty, "hidden_size": self.hidden,
+                    "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+                    "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+                    "vocab_size": self.vocab, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+                    "hidden_act": "silu", "tie_word_embeddings": self.family == Family::Qwen2,
+                    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype
+                })
+            }
+            Family::Gpt2 => serde_json::json!({
+                "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": self.hidden,
+                "n_inner": self.intermediate, "n_layer": self.layers, "n_head": self.heads,
+                "vocab_size": self.vocab, "n_positions": 64, "n_ctx": 64, "torch_dtype": dtype
+            }),
+            Family::Bert => serde_json::json!({
+                "architectures": ["BertModel"], "model_type": "bert", "hidden_size": self.hidden,
+                "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads, "vocab_size": self.vocab,
+                "max_position_embeddings": 64, "type_vocab_size": 2, "torch_dtype": dtype
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    /// Uniform in (−a, a).
+    Uniform(f32),
+    /// Around 1, as norm gains are.
+    Norm,
+    /// 0, 1, 2, … stored as int64.
+    Positions,
+}
+
+/// The value of element `index` of tensor `name` in the base model.
+fn base_value(seed: u64, name: &str, init: Init, index: usize) -> f32 {
+    let u = uniform(stream_key(seed, name, 0), index as u64) as f32 * 2.0 - 1.0;
+    match init {
+        Init::Uniform(a) => u * a,
+        Init::Norm => 1.0 + 0.1 * u,
+        Init::Positions => index as f32,
+    }
+}
+
+/// Writes the model into `dir` (created; must not exist yet).
+pub fn write_model(spec: &ModelSpec, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors = spec.tensors();
+    let dtype_of = |init: &Init| if matches!(init, Init::Positions) { Dtype::I64 } else { spec.dtype };
+    let sizes: Vec<usize> = tensors.iter().map(|(_, s, init)| s.iter().product::<usize>() * dtype_of(init).size()).collect();
+    let assignment = shards::assign(&sizes, spec.max_shard_bytes);
+    let count = assignment.last().map_or(1, |s| s + 1);
+    let mut files = Vec::new();
+    let mut offsets = vec![0; tensors.len()];
+    for shard in 0..count {
+        let members: Vec<usize> = (0..tensors.len()).filter(|&i| assignment[i] == shard).collect();
+        let entries: Vec<(&str, Dtype, usize)> = members.iter().map(|&i| (tensors[i].0.as_str(), dtype_of(&tensors[i].2), sizes[i])).collect();
+        for (&i, o) in members.iter().zip(shards::layout(&entries)) {
+            offsets[i] = o;
+        }
+        let header = encode_header(members.iter().map(|&i| (tensors[i].0.as_str(), dtype_of(&tensors[i].2), tensors[i].1.as_slice(), offsets[i])));
+        let path = dir.join(shards::shard_name(shard, count));
+        files.push((create_with_header(&header, entries.iter().map(|e| e.2).sum(), &path)?, path));
+    }
+    tensors.par_iter().enumerate().try_for_each(|(i, (name, shape, init))| {
+        let numel: usize = shape.iter().product();
+        let bytes = match init {
+            Init::Positions => (0..numel as i64).flat_map(|p| p.to_le_bytes()).collect(),
+            _ => {
+                let values: Vec<f32> = (0..numel)
+                    .into_par_iter()
+                    .with_min_len(1 << 16)
+                    .map(|j| {
+                        let base = base_value(spec.seed, name, *init, j);
+                        match spec.finetune {
+                            Some((seed, scale)) => base + scale * (uniform(stream_key(seed, name, 1), j as u64) as f32 * 2.0 - 1.0),
+                            None => base,
+                        }
+                    })
+                    .collect();
+                let mut bytes = vec![0u8; numel * spec.dtype.size()];
+                encode(spec.dtype, &values, &mut bytes);
+                bytes
+            }
+        };
+        let (file, path) = &files[assignment[i]];
+        file.write_at(offsets[i], &bytes, path)
+    })?;
+    if count > 1 {
+        let weight_map: serde_json::Map<String, serde_json::Value> = tensors.iter().enumerate().map(|(i, (n, _, _))| (n.clone(), shards::shard_name(assignment[i], count).into())).collect();
+        let index = serde_json::json!({"metadata": {"total_size": sizes.iter().sum::<usize>()}, "weight_map": weight_map});
+        write_text(&dir.join(INDEX_FILE), &serde_json::to_string_pretty(&index).expect("plain JSON"))?;
+    }
+    write_text(&dir.join(CONFIG_FILE), &serde_json::to_string_pretty(&spec.config()).expect("plain JSON"))?;
+    let tokenizer = serde_json::json!({"model_max_length": 128, "tokenizer_class": "PreTrainedTokenizerFast", "fixture_seed": spec.seed});
+    write_text(&dir.join("tokenizer_config.json"), &serde_json::to_string_pretty(&tokenizer).expect("plain JSON"))?;
+    if spec.family != Family::Bert {
+        write_text(&dir.join("generation_config.json"), "{\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2\n}\n")?;
+    }
+    Ok(())
+}
+
+fn write_text(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}

@@ -1,0 +1,447 @@
+//! The plan: from a config and the inputs' headers, every output tensor with its method inputs,
+//! resolved parameters, output dtype, shard and byte offset, plus the small files to write.
+//! Building it reads no tensor data, so `--dry-run` is instant and every config error surfaces
+//! before a byte is written.
+
+mod params;
+pub mod shards;
+
+use crate::arch::{self, Position};
+use crate::checkpoint::{Checkpoint, TensorSource};
+use crate::config::{error_at, LoadedConfig};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::methods::{self, BasePolicy, Method, ResolvedParams};
+use params::{InputParams, ParamScope};
+use serde_saphyr::Spanned;
+use std::fmt;
+
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// Largest shard in bytes (a tensor larger than this gets a shard of its own).
+    pub max_shard_size: usize,
+    /// Seed of the random streams (DARE masks).
+    pub seed: u64,
+}
+
+impl std::default::Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions { max_shard_size: 5_000_000_000, seed: 0 }
+    }
+}
+
+pub struct Plan {
+    pub method: &'static dyn Method,
+    pub models: Vec<Checkpoint>,
+    pub base: Option<usize>,
+    pub tensors: Vec<TensorTask>,
+    pub shards: Vec<Shard>,
+    /// `config.json` of the output.
+    pub output_config: serde_json::Value,
+    /// Model whose tokenizer and generation config are copied.
+    pub tokenizer_donor: usize,
+    pub chat_template: Option<String>,
+    pub config_text: String,
+    pub compute_dtype: Option<Dtype>,
+    pub seed: u64,
+}
+
+pub struct Shard {
+    pub name: String,
+    /// Indices into `Plan::tensors`.
+    pub tensors: Vec<usize>,
+    pub data_bytes: usize,
+}
+
+pub struct TensorTask {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: Dtype,
+    pub shard: usize,
+    /// Offset inside the shard's data section.
+    pub offset: usize,
+    pub work: Work,
+}
+
+pub enum Work {
+    /// Bytes copied verbatim (integer tensors, plain passthrough).
+    Copy(TensorSource),
+    Merge(MergeTask),
+}
+
+pub struct MergeTask {
+    pub inputs: Vec<MergeInput>,
+    pub base: Option<usize>,
+    pub params: ResolvedParams,
+    pub rng_keys: Vec<u64>,
+}
+
+pub struct MergeInput {
+    pub model: usize,
+    pub tensor: String,
+    pub source: TensorSource,
+}
+
+impl TensorTask {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+}
+
+impl Plan {
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.iter().map(TensorTask::bytes).sum()
+    }
+
+    /// Bytes the merge reads from the inputs.
+    pub fn input_bytes(&self) -> usize {
+        self.tensors
+            .iter()
+            .map(|t| match &t.work {
+                Work::Copy(s) => s.len,
+                Work::Merge(m) => m.inputs.iter().map(|i| i.source.len).sum(),
+            })
+            .sum()
+    }
+}
+
+struct Source {
+    model: usize,
+    start: usize,
+    end: usize,
+    params: ParamScope,
+}
+
+struct Slice {
+    sources: Vec<Source>,
+    params: ParamScope,
+    base: Option<usize>,
+}
+
+/// Opens each referenced model once, in the order the config names them.
+struct Models {
+    list: Vec<Checkpoint>,
+}
+
+impl Models {
+    fn open(&mut self, reference: &Spanned<String>, key: &str) -> Result<usize> {
+        if let Some(i) = self.list.iter().position(|m| m.reference == reference.value) {
+            return Ok(i);
+        }
+        let model = Checkpoint::open(&reference.value).map_err(|e| match e {
+            Error::ModelNotFound { .. } => error_at(reference, key, e),
+            other => other,
+        })?;
+        self.list.push(model);
+        Ok(self.list.len() - 1)
+    }
+
+    fn layer_count(&self, model: usize) -> usize {
+        let m = &self.list[model];
+        arch::layer_count_key(&m.config).map(|(_, n)| n).unwrap_or_else(|| {
+            m.tensor_names().filter_map(|n| arch::split_layer(n).map(|(_, i, _)| i + 1)).max().unwrap_or(0)
+        })
+    }
+}
+
+pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
+    let c = &loaded.config;
+    let method = methods::lookup(&c.merge_method.value).ok_or_else(|| {
+        let names: Vec<&str> = methods::all().iter().map(|m| m.spec().name).collect();
+        error_at(&c.merge_method, "merge_method", format!("unknown method `{}` (available: {})", c.merge_method.value, names.join(", ")))
+    })?;
+    let spec = method.spec();
+    let dtype_of = |d: &Option<Spanned<String>>, key| d.as_ref().map(|s| Dtype::from_config(&s.value).map_err(|e| error_at(s, key, e))).transpose();
+    let compute_dtype = dtype_of(&c.dtype, "dtype")?;
+    let out_dtype = dtype_of(&c.out_dtype, "out_dtype")?;
+
+    let mut models = Models { list: Vec::new() };
+    let base = c.base_model.as_ref().map(|b| models.open(b, "base_model")).transpose()?;
+    let top = ParamScope::parse(c.parameters.as_ref(), spec)?;
+    let slices = build_slices(loaded, &mut models, base, spec)?;
+
+    if spec.base == BasePolicy::Required && slices.iter().any(|s| s.base.is_none()) {
+        return Err(Error::config(format!("`{}` needs `base_model`", spec.name)));
+    }
+    for (i, slice) in slices.iter().enumerate() {
+        let n = slice.sources.len();
+        if n < spec.min_inputs || spec.max_inputs.is_some_and(|max| n > max) {
+            let want = match spec.max_inputs {
+                Some(max) if max == spec.min_inputs => format!("exactly {max}"),
+                Some(max) => format!("{}–{max}", spec.min_inputs),
+                None => format!("at least {}", spec.min_inputs),
+            };
+            return Err(Error::config(format!("`{}` takes {want} input models, slice {i} has {n}", spec.name)));
+        }
+    }
+
+    let mut tensors = Vec::new();
+    let mut layers_out = 0;
+    let first = &slices[0];
+    let last = slices.last().expect("validated non-empty");
+    for name in names_at(&models.list[first.sources[0].model], Position::Pre) {
+        tensors.push(plan_tensor(&models, method, first, &top, &name, &name, None, 0.0, compute_dtype, out_dtype, options.seed)?);
+    }
+    for slice in &slices {
+        let n = slice.sources[0].end - slice.sources[0].start;
+        for offset in 0..n {
+            let t = if n > 1 { offset as f64 / (n - 1) as f64 } else { 1.0 };
+            let reference = &models.list[slice.sources[0].model];
+            for name in names_at(reference, Position::Layer(slice.sources[0].start + offset)) {
+                let out_name = arch::with_layer(&name, layers_out);
+                tensors.push(plan_tensor(&models, method, slice, &top, &out_name, &name, Some(offset), t, compute_dtype, out_dtype, options.seed)?);
+            }
+            layers_out += 1;
+        }
+    }
+    for name in names_at(&models.list[last.sources[0].model], Position::Post) {
+        tensors.push(plan_tensor(&models, method, last, &top, &name, &name, None, 0.0, compute_dtype, out_dtype, options.seed)?);
+    }
+
+    let shards = assign_shards(&mut tensors, options.max_shard_size);
+    let tokenizer_donor = tokenizer_donor(loaded, &mut models, base, first)?;
+    let donor_config = base.unwrap_or(first.sources[0].model);
+    let output_config = output_config(&models.list[donor_config].config, out_dtype.or(compute_dtype), layers_out);
+    let chat_template = c.chat_template.as_ref().map(|t| chat_template(t, &models.list)).transpose()?;
+    Ok(Plan {
+        method,
+        models: models.list,
+        base,
+        tensors,
+        shards,
+        output_config,
+        tokenizer_donor,
+        chat_template,
+        config_text: loaded.text.clone(),
+        compute_dtype,
+        seed: options.seed,
+    })
+}
+
+fn build_slices(loaded: &LoadedConfig, models: &mut Models, base: Option<usize>, spec: &'static methods::MethodSpec) -> Result<Vec<Slice>> {
+    let c = &loaded.config;
+    let uses_base = spec.base != BasePolicy::Unused;
+    if let Some(list) = &c.models {
+        let mut sources = Vec::new();
+        for m in list {
+            let model = models.open(&m.model, "model")?;
+            let end = models.layer_count(model);
+            sources.push(Source { model, start: 0, end, params: ParamScope::parse(m.parameters.as_ref(), spec)? });
+        }
+        if let Some(b) = base.filter(|&b| uses_base && !sources.iter().any(|s| s.model == b)) {
+            // As mergekit: a base that is not among `models` joins as an input.
+            sources.push(Source { model: b, start: 0, end: models.layer_count(b), params: ParamScope::default() });
+        }
+        let counts: Vec<usize> = sources.iter().map(|s| s.end).collect();
+        if counts.iter().any(|&n| n != counts[0]) {
+            let described: Vec<String> = sources.iter().map(|s| format!("{} has {}", models.list[s.model].reference, s.end)).collect();
+            return Err(Error::config(format!("models have different layer counts ({}); use `slices` to pick layers", described.join(", "))));
+        }
+        let base = base.filter(|_| uses_base);
+        return Ok(vec![Slice { sources, params: ParamScope::default(), base }]);
+    }
+    let mut slices = Vec::new();
+    for (i, s) in c.slices.iter().flatten().enumerate() {
+        let slice_base = match &s.base_model {
+            Some(b) => Some(models.open(b, "base_model")?),
+            None => base,
+        };
+        let mut sources = Vec::new();
+        for src in &s.sources {
+            let model = models.open(&src.model, "model")?;
+            let [start, end] = src.layer_range.value;
+            let available = models.layer_count(model);
+            if end > available {
+                return Err(error_at(&src.layer_range, "layer_range", format!("[{start}, {end}] exceeds the {available} layers of `{}`", src.model.value)));
+            }
+            sources.push(Source { model, start, end, params: ParamScope::parse(src.parameters.as_ref(), spec)? });
+        }
+        if sources.iter().any(|s| s.end - s.start != sources[0].end - sources[0].start) {
+            return Err(Error::config(format!("slice {i}: all sources must have the same number of layers")));
+        }
+        let slice_base = slice_base.filter(|_| uses_base);
+        if let Some(b) = slice_base {
+            if spec.base == BasePolicy::Required && !sources.iter().any(|s| s.model == b) {
+                return Err(Error::config(format!("slice {i}: base_model `{}` is not among its sources", models.list[b].reference)));
+            }
+        }
+        slices.push(Slice { sources, params: ParamScope::parse(s.parameters.as_ref(), spec)?, base: slice_base });
+    }
+    Ok(slices)
+}
+
+/// Tensor names of `model` at one position, in the model's own (sorted) order.
+fn names_at(model: &Checkpoint, position: Position) -> Vec<String> {
+    model.tensor_names().filter(|n| arch::position(n) == position).map(str::to_string).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_tensor(
+    models: &Models,
+    method: &'static dyn Method,
+    slice: &Slice,
+    top: &ParamScope,
+    out_name: &str,
+    reference_name: &str,
+    layer_offset: Option<usize>,
+    t: f64,
+    compute_dtype: Option<Dtype>,
+    out_dtype: Option<Dtype>,
+    seed: u64,
+) -> Result<TensorTask> {
+    let spec = method.spec();
+    let input_name = |s: &Source| match layer_offset {
+        Some(offset) => arch::with_layer(reference_name, s.start + offset),
+        None => reference_name.to_string(),
+    };
+    let reference = models.list[slice.sources[0].model].source(reference_name).expect("name listed by this model");
+    if !reference.dtype.is_mergeable_float() {
+        // Integer and bool tensors (e.g. position_ids) come from the base, else the first source.
+        let donor = slice.base.and_then(|b| models.list[b].source(reference_name)).unwrap_or(reference);
+        return Ok(TensorTask { name: out_name.to_string(), shape: donor.shape.clone(), dtype: donor.dtype, shard: 0, offset: 0, work: Work::Copy(donor) });
+    }
+    let mut inputs = Vec::new();
+    for s in &slice.sources {
+        let model = &models.list[s.model];
+        let name = input_name(s);
+        let source = model.source(&name).ok_or_else(|| Error::tensor(&name, format!("missing from model `{}` (needed for output `{out_name}`)", model.reference)))?;
+        if source.shape != reference.shape {
+            return Err(Error::tensor(&name, format!("shape {:?} in model `{}` differs from {:?} in `{}`", source.shape, model.reference, reference.shape, models.list[slice.sources[0].model].reference)));
+        }
+        if !source.dtype.is_mergeable_float() {
+            return Err(Error::tensor(&name, format!("unsupported dtype {} in model `{}` (F32, F16 and BF16 can be merged)", source.dtype.safetensors_name(), model.reference)));
+        }
+        inputs.push(MergeInput { model: s.model, tensor: name, source });
+    }
+    let base = slice.base.and_then(|b| slice.sources.iter().position(|s| s.model == b));
+    let input_params: Vec<InputParams> = slice
+        .sources
+        .iter()
+        .zip(&inputs)
+        .map(|(s, i)| InputParams { model: &models.list[s.model].reference, tensor: &i.tensor, is_base: Some(s.model) == slice.base, source: &s.params })
+        .collect();
+    let params = params::resolve(spec, out_name, t, &[&slice.params, top], &input_params)?;
+    let dtype = out_dtype.or(compute_dtype).unwrap_or_else(|| promoted(inputs.iter().map(|i| i.source.dtype)));
+    let plain_copy = spec.name == "passthrough" && params.per_input[0].is_empty() && dtype == inputs[0].source.dtype && compute_dtype.is_none_or(|c| c == dtype);
+    let work = if plain_copy {
+        Work::Copy(inputs.swap_remove(0).source)
+    } else {
+        let rng_keys = inputs.iter().map(|i| crate::rng::stream_key(seed, out_name, i.model)).collect();
+        Work::Merge(MergeTask { inputs, base, params, rng_keys })
+    };
+    Ok(TensorTask { name: out_name.to_string(), shape: reference.shape.clone(), dtype, shard: 0, offset: 0, work })
+}
+
+/// torch's promotion among float dtypes: equal stays, otherwise f16 with bf16 or anything with
+/// f32 gives f32.
+fn promoted(mut dtypes: impl Iterator<Item = Dtype>) -> Dtype {
+    let first = dtypes.next().unwrap_or(Dtype::F32);
+    dtypes.fold(first, |acc, d| if acc == d { acc } else { Dtype::F32 })
+}
+
+fn assign_shards(tensors: &mut [TensorTask], max_bytes: usize) -> Vec<Shard> {
+    tensors.sort_by_cached_key(|t| arch::natural_key(&t.name));
+    let sizes: Vec<usize> = tensors.iter().map(TensorTask::bytes).collect();
+    let assignment = shards::assign(&sizes, max_bytes);
+    let count = assignment.last().map_or(1, |s| s + 1);
+    let mut shards: Vec<Shard> = (0..count).map(|i| Shard { name: shards::shard_name(i, count), tensors: Vec::new(), data_bytes: 0 }).collect();
+    for (i, &s) in assignment.iter().enumerate() {
+        tensors[i].shard = s;
+        shards[s].tensors.push(i);
+    }
+    for shard in &mut shards {
+        let entries: Vec<(&str, Dtype, usize)> = shard.tensors.iter().map(|&i| (tensors[i].name.as_str(), tensors[i].dtype, tensors[i].bytes())).collect();
+        let offsets = shards::layout(&entries);
+        shard.data_bytes = entries.iter().map(|e| e.2).sum();
+        for (&i, offset) in shard.tensors.iter().zip(offsets) {
+            tensors[i].offset = offset;
+        }
+    }
+    shards
+}
+
+fn tokenizer_donor(loaded: &LoadedConfig, models: &mut Models, base: Option<usize>, first: &Slice) -> Result<usize> {
+    let fallback = base.unwrap_or(first.sources[0].model);
+    match &loaded.config.tokenizer_source {
+        None => Ok(fallback),
+        Some(s) if s.value == "base" => base.ok_or_else(|| error_at(s, "tokenizer_source", "`base` needs `base_model`")),
+        Some(s) if s.value == "union" => Err(error_at(s, "tokenizer_source", "`union` (vocabulary merge) is not supported yet; use `base` or a model")),
+        Some(s) => models.open(s, "tokenizer_source"),
+    }
+}
+
+fn output_config(donor: &serde_json::Value, dtype: Option<Dtype>, layers: usize) -> serde_json::Value {
+    let mut config = donor.clone();
+    if let Some(obj) = config.as_object_mut() {
+        if let Some(d) = dtype {
+            for key in ["torch_dtype", "dtype"] {
+                if obj.contains_key(key) || key == "torch_dtype" {
+                    obj.insert(key.to_string(), d.torch_name().into());
+                }
+            }
+        }
+        if let Some((key, _)) = arch::layer_count_key(donor) {
+            obj.insert(key.to_string(), layers.into());
+        }
+    }
+    config
+}
+
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// mergekit's `chat_template`: `auto` (the most common template of the inputs), a built-in name,
+/// or a literal Jinja template.
+fn chat_template(value: &Spanned<String>, models: &[Checkpoint]) -> Result<String> {
+    let v = value.value.as_str();
+    match v {
+        "chatml" => Ok(CHATML.to_string()),
+        "auto" => {
+            let mut templates: Vec<String> = models
+                .iter()
+                .filter_map(|m| crate::checkpoint::read_json(&m.dir.join("tokenizer_config.json")).ok())
+                .filter_map(|t| t.get("chat_template").and_then(|c| c.as_str()).map(str::to_string))
+                .collect();
+            templates.sort();
+            let best = templates.iter().max_by_key(|t| templates.iter().filter(|u| u == t).count());
+            best.cloned().ok_or_else(|| error_at(value, "chat_template", "`auto`: no input model has a chat template"))
+        }
+        literal if literal.len() >= 20 && literal.contains('{') => Ok(literal.to_string()),
+        other => Err(error_at(value, "chat_template", format!("`{other}` is neither `auto`, `chatml` nor a Jinja template"))),
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "method: {}", self.method.spec().name)?;
+        for (i, m) in self.models.iter().enumerate() {
+            let role = if Some(i) == self.base { " (base)" } else { "" };
+            writeln!(f, "model {i}: {}{role}  [{}]", m.reference, m.dir.display())?;
+        }
+        writeln!(f, "tensors: {}  output bytes: {}  input bytes read: {}", self.tensors.len(), self.total_bytes(), self.input_bytes())?;
+        for (s, shard) in self.shards.iter().enumerate() {
+            writeln!(f, "shard {s}: {} ({} tensors, {} bytes)", shard.name, shard.tensors.len(), shard.data_bytes)?;
+        }
+        for t in &self.tensors {
+            let what = match &t.work {
+                Work::Copy(src) => format!("copy {}", src.path.display()),
+                Work::Merge(m) => {
+                    let ins: Vec<String> = m.inputs.iter().map(|i| format!("{}:{}", i.model, i.tensor)).collect();
+                    let params: Vec<String> = m.params.global.iter().map(|(k, v)| format!("{k}={v}")).chain(m.params.per_input.iter().enumerate().flat_map(|(i, p)| p.iter().map(move |(k, v)| format!("{k}[{i}]={v}")))).collect();
+                    format!("{} ← {} {}", self.method.spec().name, ins.join(", "), params.join(" "))
+                }
+            };
+            writeln!(f, "  {} {:?} {} @shard{}+{}  {what}", t.name, t.shape, t.dtype, t.shard, t.offset)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plan").field("method", &self.method.spec().name).field("models", &self.models.len()).field("tensors", &self.tensors.len()).field("shards", &self.shards.len()).finish()
+    }
+}
