@@ -1,5 +1,212 @@
-//! Placeholder replaced below.
-use anyhow::Result;
+//! `fusekit bench`: one run that times fusekit, mergekit (when its venv exists) and the I/O
+//! roofline (read every input once, write the output once) on a generated ~1.2 B-parameter bf16
+//! Llama base and two fine-tunes, and prints the ratios. Peak RSS is read from the kernel
+//! (`VmHWM`) of each child process.
+
+use anyhow::{bail, Context, Result};
+use fusekit::fixtures::{write_model, ModelSpec};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
 #[derive(clap::Args)]
-pub struct BenchArgs {}
-pub fn run(_: BenchArgs) -> Result<()> { Ok(()) }
+pub struct BenchArgs {
+    /// Where the generated models and outputs go (about 15 GB).
+    #[arg(long, default_value = "bench-out")]
+    dir: PathBuf,
+    /// Methods to time.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "linear,task_arithmetic,ties,dare_ties,slerp"
+    )]
+    methods: Vec<String>,
+    /// mergekit venv (skipped when it does not exist).
+    #[arg(long, default_value = ".venv-mergekit")]
+    mergekit_venv: PathBuf,
+    /// Skip mergekit even if installed.
+    #[arg(long)]
+    no_mergekit: bool,
+    /// Use the small test model instead of the 1B one (to check the bench itself).
+    #[arg(long)]
+    tiny: bool,
+}
+
+fn config(method: &str, dir: &Path) -> String {
+    let (base, a, b) = (dir.join("base"), dir.join("ft1"), dir.join("ft2"));
+    let (base, a, b) = (base.display(), a.display(), b.display());
+    match method {
+        "linear" => format!("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n"),
+        "slerp" => format!("merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\nparameters:\n  t: 0.5\ndtype: bfloat16\n"),
+        m => format!("merge_method: {m}\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5, density: 0.2}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.2}}\ndtype: bfloat16\n"),
+    }
+}
+
+struct Measured {
+    wall: Duration,
+    peak_rss: u64,
+}
+
+/// Runs a child to completion, sampling its peak RSS (VmHWM) until it exits.
+fn measure(mut cmd: Command) -> Result<Measured> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("spawn")?;
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status_path) {
+            if let Some(kb) = text
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak = peak.max(kb * 1024);
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                let mut err = String::new();
+                child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                bail!("{cmd:?} failed: {err}");
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Measured {
+        wall: start.elapsed(),
+        peak_rss: peak,
+    })
+}
+
+/// Reads every file once and writes `out_bytes` once: the least I/O any merge must do.
+fn roofline(inputs: &[PathBuf], out_bytes: usize, scratch: &Path) -> Result<Duration> {
+    let start = Instant::now();
+    let mut buf = vec![0u8; 8 << 20];
+    let mut sink = 0u64;
+    for path in inputs {
+        let mut f = std::fs::File::open(path)?;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            sink = sink.wrapping_add(
+                buf[..n]
+                    .iter()
+                    .step_by(4096)
+                    .map(|b| *b as u64)
+                    .sum::<u64>(),
+            );
+        }
+    }
+    let mut out = std::fs::File::create(scratch)?;
+    let chunk = vec![(sink & 0xFF) as u8; 8 << 20];
+    let mut left = out_bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        out.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    out.sync_all()?;
+    let elapsed = start.elapsed();
+    std::fs::remove_file(scratch)?;
+    Ok(elapsed)
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.dir)?;
+    // Absolute paths: mergekit asks the hub about anything that looks like `org/name`.
+    let dir = &args.dir.canonicalize()?;
+    let base_spec = if args.tiny {
+        ModelSpec::tiny(
+            fusekit::fixtures::Family::Llama,
+            fusekit::dtype::Dtype::BF16,
+            1,
+        )
+    } else {
+        ModelSpec::llama_1b(1)
+    };
+    for (name, finetune) in [("base", None), ("ft1", Some(2)), ("ft2", Some(3))] {
+        if !dir.join(name).exists() {
+            eprintln!("generating {name} ...");
+            let spec = match finetune {
+                Some(seed) => base_spec.clone().finetuned(seed, 0.002),
+                None => base_spec.clone(),
+            };
+            write_model(&spec, &dir.join(name))?;
+        }
+    }
+    let exe = std::env::current_exe()?;
+    let mergekit = args.mergekit_venv.join("bin/mergekit-yaml");
+    let use_mergekit = !args.no_mergekit && mergekit.exists();
+    println!("| method | fusekit s | fusekit peak RSS | roofline s | % of roofline | mergekit s | mergekit peak RSS | speed-up |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for method in &args.methods {
+        let cfg_path = dir.join(format!("{method}.yml"));
+        std::fs::write(&cfg_path, config(method, dir))?;
+        let out = dir.join(format!("out-{method}"));
+        let _ = std::fs::remove_dir_all(&out);
+        // Warm the page cache the same way for every contender.
+        let loaded = fusekit::config::load(&cfg_path)?;
+        let plan = fusekit::plan::build(&loaded, &Default::default())?;
+        let inputs: Vec<PathBuf> = plan
+            .models
+            .iter()
+            .flat_map(|m| m.files().map(Path::to_path_buf).collect::<Vec<_>>())
+            .collect();
+        let out_bytes = plan.total_bytes();
+        drop(plan);
+        roofline(&inputs, 0, &dir.join("warm.tmp"))?;
+        let roof = roofline(&inputs, out_bytes, &dir.join("roofline.tmp"))?;
+        let mut cmd = Command::new(&exe);
+        cmd.args(["merge", "--quiet"]).arg(&cfg_path).arg(&out);
+        let ours = measure(cmd)?;
+        let (theirs_s, theirs_rss, speedup) = if use_mergekit {
+            let mk_out = dir.join(format!("mergekit-{method}"));
+            let _ = std::fs::remove_dir_all(&mk_out);
+            let mut cmd = Command::new(&mergekit);
+            cmd.arg(&cfg_path)
+                .arg(&mk_out)
+                .arg("--random-seed")
+                .arg("0");
+            let theirs = measure(cmd)?;
+            let _ = std::fs::remove_dir_all(&mk_out);
+            (
+                format!("{:.1}", theirs.wall.as_secs_f64()),
+                format!("{:.2} GiB", theirs.peak_rss as f64 / (1u64 << 30) as f64),
+                format!(
+                    "{:.1}×",
+                    theirs.wall.as_secs_f64() / ours.wall.as_secs_f64()
+                ),
+            )
+        } else {
+            ("—".into(), "—".into(), "—".into())
+        };
+        let _ = safetensors_files(&out).map(|f| f.len());
+        let _ = std::fs::remove_dir_all(&out);
+        println!(
+            "| {method} | {:.2} | {:.2} GiB | {:.2} | {:.0} % | {theirs_s} | {theirs_rss} | {speedup} |",
+            ours.wall.as_secs_f64(),
+            ours.peak_rss as f64 / (1u64 << 30) as f64,
+            roof.as_secs_f64(),
+            100.0 * roof.as_secs_f64() / ours.wall.as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -10,7 +10,11 @@ use std::path::PathBuf;
 mod bench;
 
 #[derive(Parser)]
-#[command(name = "fusekit", version, about = "Fuse neural networks: streaming, reproducible merges of Hugging Face checkpoints")]
+#[command(
+    name = "fusekit",
+    version,
+    about = "Fuse neural networks: streaming, reproducible merges of Hugging Face checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,8 +78,14 @@ enum Command {
 fn parse_bytes(text: &str) -> Result<usize, String> {
     let t = text.trim();
     let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: usize = digits.parse().map_err(|_| format!("`{text}` is not a byte count"))?;
-    let scale = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a byte count"))?;
+    let scale = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 1,
         "K" => 1 << 10,
         "M" => 1 << 20,
@@ -103,9 +113,22 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Merge { config, out, dry_run, force, max_shard_size, memory_budget, threads, random_seed, quiet } => {
+        Command::Merge {
+            config,
+            out,
+            dry_run,
+            force,
+            max_shard_size,
+            memory_budget,
+            threads,
+            random_seed,
+            quiet,
+        } => {
             let loaded = fusekit::config::load(&config)?;
-            let plan_options = fusekit::plan::PlanOptions { max_shard_size, seed: random_seed };
+            let plan_options = fusekit::plan::PlanOptions {
+                max_shard_size,
+                seed: random_seed,
+            };
             let plan = fusekit::plan::build(&loaded, &plan_options)?;
             if dry_run {
                 print!("{plan}");
@@ -116,12 +139,21 @@ fn run(cli: Cli) -> Result<()> {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
             }
             bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("valid template"));
-            let exec = fusekit::exec::ExecOptions { threads, memory_budget };
+            let exec = fusekit::exec::ExecOptions {
+                threads,
+                memory_budget,
+            };
             let write = fusekit::write::WriteOptions { force };
             fusekit::write::write(&plan, &out, &exec, &write, &Bar(bar.clone()))?;
             bar.finish_and_clear();
             if !quiet {
-                eprintln!("wrote {} ({} tensors, {} shards, {} bytes)", out.display(), plan.tensors.len(), plan.shards.len(), plan.total_bytes());
+                eprintln!(
+                    "wrote {} ({} tensors, {} shards, {} bytes)",
+                    out.display(),
+                    plan.tensors.len(),
+                    plan.shards.len(),
+                    plan.total_bytes()
+                );
             }
             Ok(())
         }
@@ -136,17 +168,37 @@ fn run(cli: Cli) -> Result<()> {
                         Some(fusekit::methods::Default::Bool(b)) => format!("default {b}"),
                         Some(fusekit::methods::Default::Unset) => "optional".to_string(),
                     };
-                    println!("    {:<10} {:<9} {:<12} {}", p.name, format!("{:?}", p.scope), default, p.doc);
+                    println!(
+                        "    {:<10} {:<9} {:<12} {}",
+                        p.name,
+                        format!("{:?}", p.scope),
+                        default,
+                        p.doc
+                    );
                 }
             }
             Ok(())
         }
-        Command::MakeModel { out, family, size, dtype, seed, finetune_seed, finetune_scale, max_shard_size } => {
-            let family = Family::parse(&family).with_context(|| format!("unknown family `{family}` (llama, mistral, qwen2, gpt2, bert)"))?;
+        Command::MakeModel {
+            out,
+            family,
+            size,
+            dtype,
+            seed,
+            finetune_seed,
+            finetune_scale,
+            max_shard_size,
+        } => {
+            let family = Family::parse(&family).with_context(|| {
+                format!("unknown family `{family}` (llama, mistral, qwen2, gpt2, bert)")
+            })?;
             let dtype = Dtype::from_config(&dtype)?;
             let mut spec = match size.as_str() {
                 "tiny" => ModelSpec::tiny(family, dtype, seed),
-                "1b" if family == Family::Llama => ModelSpec { dtype, ..ModelSpec::llama_1b(seed) },
+                "1b" if family == Family::Llama => ModelSpec {
+                    dtype,
+                    ..ModelSpec::llama_1b(seed)
+                },
                 other => bail!("unknown size `{other}` (tiny, or 1b for llama)"),
             };
             spec.max_shard_bytes = max_shard_size.min(spec.max_shard_bytes);

@@ -64,9 +64,12 @@ pub const LAYER_COUNT_KEYS: [&str; 4] = ["num_hidden_layers", "n_layer", "num_la
 
 /// Reads the layer count of a `config.json`, also under `text_config`.
 pub fn layer_count_key(config: &serde_json::Value) -> Option<(&'static str, usize)> {
-    LAYER_COUNT_KEYS
-        .iter()
-        .find_map(|k| config.get(*k).and_then(|v| v.as_u64()).map(|n| (*k, n as usize)))
+    LAYER_COUNT_KEYS.iter().find_map(|k| {
+        config
+            .get(*k)
+            .and_then(|v| v.as_u64())
+            .map(|n| (*k, n as usize))
+    })
 }
 
 #[cfg(test)]
@@ -75,12 +78,24 @@ mod tests {
 
     #[test]
     fn splits_layer_names() {
-        assert_eq!(split_layer("model.layers.12.mlp.up_proj.weight"), Some(("model.layers", 12, "mlp.up_proj.weight")));
-        assert_eq!(split_layer("transformer.h.0.attn.c_attn.bias"), Some(("transformer.h", 0, "attn.c_attn.bias")));
-        assert_eq!(split_layer("encoder.layer.3.output.dense.weight"), Some(("encoder.layer", 3, "output.dense.weight")));
+        assert_eq!(
+            split_layer("model.layers.12.mlp.up_proj.weight"),
+            Some(("model.layers", 12, "mlp.up_proj.weight"))
+        );
+        assert_eq!(
+            split_layer("transformer.h.0.attn.c_attn.bias"),
+            Some(("transformer.h", 0, "attn.c_attn.bias"))
+        );
+        assert_eq!(
+            split_layer("encoder.layer.3.output.dense.weight"),
+            Some(("encoder.layer", 3, "output.dense.weight"))
+        );
         assert_eq!(split_layer("model.embed_tokens.weight"), None);
         assert_eq!(split_layer("0.weight"), None);
-        assert_eq!(with_layer("model.layers.2.self_attn.o_proj.weight", 17), "model.layers.17.self_attn.o_proj.weight");
+        assert_eq!(
+            with_layer("model.layers.2.self_attn.o_proj.weight", 17),
+            "model.layers.17.self_attn.o_proj.weight"
+        );
     }
 
     #[test]
@@ -91,8 +106,21 @@ mod tests {
         assert_eq!(position("lm_head.weight"), Position::Post);
         assert_eq!(position("model.norm.weight"), Position::Post);
         assert_eq!(position("pooler.dense.bias"), Position::Post);
-        let mut names = vec!["lm_head.weight", "model.layers.10.a", "model.layers.2.a", "model.embed_tokens.weight"];
+        let mut names = vec![
+            "lm_head.weight",
+            "model.layers.10.a",
+            "model.layers.2.a",
+            "model.embed_tokens.weight",
+        ];
         names.sort_by_key(|n| natural_key(n));
-        assert_eq!(names, ["model.embed_tokens.weight", "model.layers.2.a", "model.layers.10.a", "lm_head.weight"]);
+        assert_eq!(
+            names,
+            [
+                "model.embed_tokens.weight",
+                "model.layers.2.a",
+                "model.layers.10.a",
+                "lm_head.weight"
+            ]
+        );
     }
 }

@@ -22,7 +22,13 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 5] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Gpt2, Family::Bert];
+    pub const ALL: [Family; 5] = [
+        Family::Llama,
+        Family::Mistral,
+        Family::Qwen2,
+        Family::Gpt2,
+        Family::Bert,
+    ];
 
     pub fn parse(name: &str) -> Option<Family> {
         Family::ALL.into_iter().find(|f| f.name() == name)
@@ -58,12 +64,36 @@ pub struct ModelSpec {
 
 impl ModelSpec {
     pub fn tiny(family: Family, dtype: Dtype, seed: u64) -> ModelSpec {
-        ModelSpec { family, hidden: 32, intermediate: 64, layers: 4, vocab: 64, heads: 4, kv_heads: 2, dtype, seed, finetune: None, max_shard_bytes: usize::MAX }
+        ModelSpec {
+            family,
+            hidden: 32,
+            intermediate: 64,
+            layers: 4,
+            vocab: 64,
+            heads: 4,
+            kv_heads: 2,
+            dtype,
+            seed,
+            finetune: None,
+            max_shard_bytes: usize::MAX,
+        }
     }
 
     /// A Llama shape of about 1.2 B parameters (bf16 ≈ 2.4 GB), for the benchmark.
     pub fn llama_1b(seed: u64) -> ModelSpec {
-        ModelSpec { family: Family::Llama, hidden: 2048, intermediate: 5632, layers: 16, vocab: 32000, heads: 32, kv_heads: 8, dtype: Dtype::BF16, seed, finetune: None, max_shard_bytes: 1 << 30 }
+        ModelSpec {
+            family: Family::Llama,
+            hidden: 2048,
+            intermediate: 5632,
+            layers: 16,
+            vocab: 32000,
+            heads: 32,
+            kv_heads: 8,
+            dtype: Dtype::BF16,
+            seed,
+            finetune: None,
+            max_shard_bytes: 1 << 30,
+        }
     }
 
     pub fn finetuned(mut self, seed: u64, scale: f32) -> ModelSpec {
@@ -80,19 +110,39 @@ impl ModelSpec {
         let mut add = |name: String, shape: Vec<usize>, init: Init| t.push((name, shape, init));
         match self.family {
             Family::Llama | Family::Mistral | Family::Qwen2 => {
-                add("model.embed_tokens.weight".into(), vec![v, h], Init::Uniform(0.5));
+                add(
+                    "model.embed_tokens.weight".into(),
+                    vec![v, h],
+                    Init::Uniform(0.5),
+                );
                 for l in 0..self.layers {
                     let p = format!("model.layers.{l}");
                     add(format!("{p}.input_layernorm.weight"), vec![h], Init::Norm);
-                    add(format!("{p}.post_attention_layernorm.weight"), vec![h], Init::Norm);
+                    add(
+                        format!("{p}.post_attention_layernorm.weight"),
+                        vec![h],
+                        Init::Norm,
+                    );
                     add(format!("{p}.self_attn.q_proj.weight"), vec![h, h], w(h));
                     add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], w(h));
                     add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], w(h));
                     add(format!("{p}.self_attn.o_proj.weight"), vec![h, h], w(h));
                     if self.family == Family::Qwen2 {
-                        add(format!("{p}.self_attn.q_proj.bias"), vec![h], Init::Uniform(0.1));
-                        add(format!("{p}.self_attn.k_proj.bias"), vec![kv], Init::Uniform(0.1));
-                        add(format!("{p}.self_attn.v_proj.bias"), vec![kv], Init::Uniform(0.1));
+                        add(
+                            format!("{p}.self_attn.q_proj.bias"),
+                            vec![h],
+                            Init::Uniform(0.1),
+                        );
+                        add(
+                            format!("{p}.self_attn.k_proj.bias"),
+                            vec![kv],
+                            Init::Uniform(0.1),
+                        );
+                        add(
+                            format!("{p}.self_attn.v_proj.bias"),
+                            vec![kv],
+                            Init::Uniform(0.1),
+                        );
                     }
                     add(format!("{p}.mlp.gate_proj.weight"), vec![i, h], w(h));
                     add(format!("{p}.mlp.up_proj.weight"), vec![i, h], w(h));
@@ -104,8 +154,16 @@ impl ModelSpec {
                 }
             }
             Family::Gpt2 => {
-                add("transformer.wte.weight".into(), vec![v, h], Init::Uniform(0.5));
-                add("transformer.wpe.weight".into(), vec![64, h], Init::Uniform(0.1));
+                add(
+                    "transformer.wte.weight".into(),
+                    vec![v, h],
+                    Init::Uniform(0.5),
+                );
+                add(
+                    "transformer.wpe.weight".into(),
+                    vec![64, h],
+                    Init::Uniform(0.1),
+                );
                 for l in 0..self.layers {
                     let p = format!("transformer.h.{l}");
                     for ln in ["ln_1", "ln_2"] {
@@ -113,7 +171,11 @@ impl ModelSpec {
                         add(format!("{p}.{ln}.bias"), vec![h], Init::Uniform(0.1));
                     }
                     add(format!("{p}.attn.c_attn.weight"), vec![h, 3 * h], w(h));
-                    add(format!("{p}.attn.c_attn.bias"), vec![3 * h], Init::Uniform(0.1));
+                    add(
+                        format!("{p}.attn.c_attn.bias"),
+                        vec![3 * h],
+                        Init::Uniform(0.1),
+                    );
                     add(format!("{p}.attn.c_proj.weight"), vec![h, h], w(h));
                     add(format!("{p}.attn.c_proj.bias"), vec![h], Init::Uniform(0.1));
                     add(format!("{p}.mlp.c_fc.weight"), vec![h, i], w(h));
@@ -125,22 +187,55 @@ impl ModelSpec {
                 add("transformer.ln_f.bias".into(), vec![h], Init::Uniform(0.1));
             }
             Family::Bert => {
-                add("embeddings.word_embeddings.weight".into(), vec![v, h], Init::Uniform(0.5));
-                add("embeddings.position_embeddings.weight".into(), vec![64, h], Init::Uniform(0.1));
-                add("embeddings.token_type_embeddings.weight".into(), vec![2, h], Init::Uniform(0.1));
+                add(
+                    "embeddings.word_embeddings.weight".into(),
+                    vec![v, h],
+                    Init::Uniform(0.5),
+                );
+                add(
+                    "embeddings.position_embeddings.weight".into(),
+                    vec![64, h],
+                    Init::Uniform(0.1),
+                );
+                add(
+                    "embeddings.token_type_embeddings.weight".into(),
+                    vec![2, h],
+                    Init::Uniform(0.1),
+                );
                 add("embeddings.LayerNorm.weight".into(), vec![h], Init::Norm);
-                add("embeddings.LayerNorm.bias".into(), vec![h], Init::Uniform(0.1));
-                add("embeddings.position_ids".into(), vec![1, 64], Init::Positions);
+                add(
+                    "embeddings.LayerNorm.bias".into(),
+                    vec![h],
+                    Init::Uniform(0.1),
+                );
+                add(
+                    "embeddings.position_ids".into(),
+                    vec![1, 64],
+                    Init::Positions,
+                );
                 for l in 0..self.layers {
                     let p = format!("encoder.layer.{l}");
-                    for m in ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"] {
+                    for m in [
+                        "attention.self.query",
+                        "attention.self.key",
+                        "attention.self.value",
+                        "attention.output.dense",
+                    ] {
                         add(format!("{p}.{m}.weight"), vec![h, h], w(h));
                         add(format!("{p}.{m}.bias"), vec![h], Init::Uniform(0.1));
                     }
                     add(format!("{p}.intermediate.dense.weight"), vec![i, h], w(h));
-                    add(format!("{p}.intermediate.dense.bias"), vec![i], Init::Uniform(0.1));
+                    add(
+                        format!("{p}.intermediate.dense.bias"),
+                        vec![i],
+                        Init::Uniform(0.1),
+                    );
                     add(format!("{p}.output.dense.weight"), vec![h, i], w(i));
-                    add(format!("{p}.output.dense.bias"), vec![h], Init::Uniform(0.1));
+                    add(
+                        format!("{p}.output.dense.bias"),
+                        vec![h],
+                        Init::Uniform(0.1),
+                    );
                     for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
                         add(format!("{p}.{ln}.weight"), vec![h], Init::Norm);
                         add(format!("{p}.{ln}.bias"), vec![h], Init::Uniform(0.1));
@@ -210,56 +305,104 @@ fn base_value(seed: u64, name: &str, init: Init, index: usize) -> f32 {
 pub fn write_model(spec: &ModelSpec, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tensors = spec.tensors();
-    let dtype_of = |init: &Init| if matches!(init, Init::Positions) { Dtype::I64 } else { spec.dtype };
-    let sizes: Vec<usize> = tensors.iter().map(|(_, s, init)| s.iter().product::<usize>() * dtype_of(init).size()).collect();
+    let dtype_of = |init: &Init| {
+        if matches!(init, Init::Positions) {
+            Dtype::I64
+        } else {
+            spec.dtype
+        }
+    };
+    let sizes: Vec<usize> = tensors
+        .iter()
+        .map(|(_, s, init)| s.iter().product::<usize>() * dtype_of(init).size())
+        .collect();
     let assignment = shards::assign(&sizes, spec.max_shard_bytes);
     let count = assignment.last().map_or(1, |s| s + 1);
     let mut files = Vec::new();
     let mut offsets = vec![0; tensors.len()];
     for shard in 0..count {
-        let members: Vec<usize> = (0..tensors.len()).filter(|&i| assignment[i] == shard).collect();
-        let entries: Vec<(&str, Dtype, usize)> = members.iter().map(|&i| (tensors[i].0.as_str(), dtype_of(&tensors[i].2), sizes[i])).collect();
+        let members: Vec<usize> = (0..tensors.len())
+            .filter(|&i| assignment[i] == shard)
+            .collect();
+        let entries: Vec<(&str, Dtype, usize)> = members
+            .iter()
+            .map(|&i| (tensors[i].0.as_str(), dtype_of(&tensors[i].2), sizes[i]))
+            .collect();
         for (&i, o) in members.iter().zip(shards::layout(&entries)) {
             offsets[i] = o;
         }
-        let header = encode_header(members.iter().map(|&i| (tensors[i].0.as_str(), dtype_of(&tensors[i].2), tensors[i].1.as_slice(), offsets[i])));
+        let header = encode_header(members.iter().map(|&i| {
+            (
+                tensors[i].0.as_str(),
+                dtype_of(&tensors[i].2),
+                tensors[i].1.as_slice(),
+                offsets[i],
+            )
+        }));
         let path = dir.join(shards::shard_name(shard, count));
-        files.push((create_with_header(&header, entries.iter().map(|e| e.2).sum(), &path)?, path));
+        files.push((
+            create_with_header(&header, entries.iter().map(|e| e.2).sum(), &path)?,
+            path,
+        ));
     }
-    tensors.par_iter().enumerate().try_for_each(|(i, (name, shape, init))| {
-        let numel: usize = shape.iter().product();
-        let bytes = match init {
-            Init::Positions => (0..numel as i64).flat_map(|p| p.to_le_bytes()).collect(),
-            _ => {
-                let values: Vec<f32> = (0..numel)
-                    .into_par_iter()
-                    .with_min_len(1 << 16)
-                    .map(|j| {
-                        let base = base_value(spec.seed, name, *init, j);
-                        match spec.finetune {
-                            Some((seed, scale)) => base + scale * (uniform(stream_key(seed, name, 1), j as u64) as f32 * 2.0 - 1.0),
-                            None => base,
-                        }
-                    })
-                    .collect();
-                let mut bytes = vec![0u8; numel * spec.dtype.size()];
-                encode(spec.dtype, &values, &mut bytes);
-                bytes
-            }
-        };
-        let (file, path) = &files[assignment[i]];
-        file.write_at(offsets[i], &bytes, path)
-    })?;
+    tensors
+        .par_iter()
+        .enumerate()
+        .try_for_each(|(i, (name, shape, init))| {
+            let numel: usize = shape.iter().product();
+            let bytes = match init {
+                Init::Positions => (0..numel as i64).flat_map(|p| p.to_le_bytes()).collect(),
+                _ => {
+                    let values: Vec<f32> = (0..numel)
+                        .into_par_iter()
+                        .with_min_len(1 << 16)
+                        .map(|j| {
+                            let base = base_value(spec.seed, name, *init, j);
+                            match spec.finetune {
+                                Some((seed, scale)) => {
+                                    base + scale
+                                        * (uniform(stream_key(seed, name, 1), j as u64) as f32
+                                            * 2.0
+                                            - 1.0)
+                                }
+                                None => base,
+                            }
+                        })
+                        .collect();
+                    let mut bytes = vec![0u8; numel * spec.dtype.size()];
+                    encode(spec.dtype, &values, &mut bytes);
+                    bytes
+                }
+            };
+            let (file, path) = &files[assignment[i]];
+            file.write_at(offsets[i], &bytes, path)
+        })?;
     if count > 1 {
-        let weight_map: serde_json::Map<String, serde_json::Value> = tensors.iter().enumerate().map(|(i, (n, _, _))| (n.clone(), shards::shard_name(assignment[i], count).into())).collect();
+        let weight_map: serde_json::Map<String, serde_json::Value> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _, _))| (n.clone(), shards::shard_name(assignment[i], count).into()))
+            .collect();
         let index = serde_json::json!({"metadata": {"total_size": sizes.iter().sum::<usize>()}, "weight_map": weight_map});
-        write_text(&dir.join(INDEX_FILE), &serde_json::to_string_pretty(&index).expect("plain JSON"))?;
+        write_text(
+            &dir.join(INDEX_FILE),
+            &serde_json::to_string_pretty(&index).expect("plain JSON"),
+        )?;
     }
-    write_text(&dir.join(CONFIG_FILE), &serde_json::to_string_pretty(&spec.config()).expect("plain JSON"))?;
+    write_text(
+        &dir.join(CONFIG_FILE),
+        &serde_json::to_string_pretty(&spec.config()).expect("plain JSON"),
+    )?;
     let tokenizer = serde_json::json!({"model_max_length": 128, "tokenizer_class": "PreTrainedTokenizerFast", "fixture_seed": spec.seed});
-    write_text(&dir.join("tokenizer_config.json"), &serde_json::to_string_pretty(&tokenizer).expect("plain JSON"))?;
+    write_text(
+        &dir.join("tokenizer_config.json"),
+        &serde_json::to_string_pretty(&tokenizer).expect("plain JSON"),
+    )?;
     if spec.family != Family::Bert {
-        write_text(&dir.join("generation_config.json"), "{\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2\n}\n")?;
+        write_text(
+            &dir.join("generation_config.json"),
+            "{\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2\n}\n",
+        )?;
     }
     Ok(())
 }

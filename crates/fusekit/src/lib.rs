@@ -32,7 +32,12 @@ pub struct MergeOptions {
 }
 
 /// Loads `config`, plans, merges and writes the model to `out` (atomically).
-pub fn merge(config: &Path, out: &Path, options: &MergeOptions, progress: &dyn exec::Progress) -> Result<plan::Plan> {
+pub fn merge(
+    config: &Path,
+    out: &Path,
+    options: &MergeOptions,
+    progress: &dyn exec::Progress,
+) -> Result<plan::Plan> {
     let loaded = config::load(config)?;
     let plan = plan::build(&loaded, &options.plan)?;
     write::write(&plan, out, &options.exec, &options.write, progress)?;

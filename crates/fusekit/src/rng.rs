@@ -43,7 +43,9 @@ mod tests {
         assert!((mean - 0.5).abs() < 0.005, "{mean}");
         let below = (0..n).filter(|&i| uniform(a, i) < 0.3).count() as f64 / n as f64;
         assert!((below - 0.3).abs() < 0.005, "{below}");
-        let same = (0..1000).filter(|&i| (uniform(a, i) < 0.5) == (uniform(b, i) < 0.5)).count();
+        let same = (0..1000)
+            .filter(|&i| (uniform(a, i) < 0.5) == (uniform(b, i) < 0.5))
+            .count();
         assert!((400..600).contains(&same), "{same}");
     }
 }

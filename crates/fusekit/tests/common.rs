@@ -20,16 +20,27 @@ pub struct Loaded {
 pub fn load_model(dir: &Path) -> BTreeMap<String, Loaded> {
     let model = Checkpoint::open(dir.to_str().unwrap()).unwrap();
     let names: Vec<String> = model.tensor_names().map(str::to_string).collect();
-    names.into_iter().map(|n| {
-        let s = model.source(&n).unwrap();
-        let loaded = decode(s.dtype, &s.shape, s.bytes(0, s.numel()));
-        (n, loaded)
-    }).collect()
+    names
+        .into_iter()
+        .map(|n| {
+            let s = model.source(&n).unwrap();
+            let loaded = decode(s.dtype, &s.shape, s.bytes(0, s.numel()));
+            (n, loaded)
+        })
+        .collect()
 }
 
 pub fn load_file(path: &Path) -> BTreeMap<String, Loaded> {
     let file = SafetensorsFile::open(path).unwrap();
-    file.tensors.iter().map(|(n, e)| (n.clone(), decode(e.dtype, &e.shape, &file.map[e.start..e.start + e.len]))).collect()
+    file.tensors
+        .iter()
+        .map(|(n, e)| {
+            (
+                n.clone(),
+                decode(e.dtype, &e.shape, &file.map[e.start..e.start + e.len]),
+            )
+        })
+        .collect()
 }
 
 fn decode(dtype: Dtype, shape: &[usize], bytes: &[u8]) -> Loaded {
@@ -38,12 +49,26 @@ fn decode(dtype: Dtype, shape: &[usize], bytes: &[u8]) -> Loaded {
         Dtype::BF16 | Dtype::F16 | Dtype::F32 => {
             let mut v = vec![0f32; n];
             fusekit::kernels::convert::decode(dtype, bytes, &mut v);
-            let bits = bytes.chunks_exact(dtype.size()).map(|c| if c.len() == 2 { u16::from_le_bytes([c[0], c[1]]) as u32 } else { u32::from_le_bytes([c[0], c[1], c[2], c[3]]) }).collect();
+            let bits = bytes
+                .chunks_exact(dtype.size())
+                .map(|c| {
+                    if c.len() == 2 {
+                        u16::from_le_bytes([c[0], c[1]]) as u32
+                    } else {
+                        u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+                    }
+                })
+                .collect();
             (v, bits)
         }
         _ => (Vec::new(), bytes.iter().map(|b| *b as u32).collect()),
     };
-    Loaded { dtype, shape: shape.to_vec(), values, bits }
+    Loaded {
+        dtype,
+        shape: shape.to_vec(),
+        values,
+        bits,
+    }
 }
 
 /// Distance in units in the last place between two stored floats of the same dtype.
@@ -53,7 +78,11 @@ pub fn ulps(dtype: Dtype, a: u32, b: u32) -> u64 {
             Dtype::F32 => (x >> 31, (x & 0x7FFF_FFFF) as i64),
             _ => (x >> 15, (x & 0x7FFF) as i64),
         };
-        if sign == 1 { -mag } else { mag }
+        if sign == 1 {
+            -mag
+        } else {
+            mag
+        }
     };
     (key(a) - key(b)).unsigned_abs()
 }
@@ -67,7 +96,12 @@ pub fn make(dir: &Path, family: Family, dtype: Dtype, seed: u64, finetune: Optio
 }
 
 /// Merges `yaml` (model paths written as `./name`, resolved inside `dir`) into `dir/out`.
-pub fn merge_yaml(dir: &Path, yaml: &str, out: &str, options: &fusekit::MergeOptions) -> fusekit::Result<fusekit::plan::Plan> {
+pub fn merge_yaml(
+    dir: &Path,
+    yaml: &str,
+    out: &str,
+    options: &fusekit::MergeOptions,
+) -> fusekit::Result<fusekit::plan::Plan> {
     let text = yaml.replace("./", &format!("{}/", dir.display()));
     let config = dir.join(format!("{out}.yml"));
     std::fs::write(&config, text).unwrap();
@@ -81,6 +115,10 @@ pub fn ulp_at(dtype: Dtype, x: f32) -> f32 {
         Dtype::F16 => (10, -24),
         _ => (23, -149),
     };
-    let exp = if x == 0.0 { i32::MIN / 2 } else { x.abs().log2().floor() as i32 };
+    let exp = if x == 0.0 {
+        i32::MIN / 2
+    } else {
+        x.abs().log2().floor() as i32
+    };
     2f32.powi((exp - mantissa).max(min_exp))
 }

@@ -19,9 +19,21 @@ fn three_models(dir: &Path, family: Family, dtype: Dtype) {
 }
 
 fn shard_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
     files.sort();
-    files.iter().map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(p).unwrap())).collect()
+    files
+        .iter()
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(p).unwrap(),
+            )
+        })
+        .collect()
 }
 
 fn options(threads: usize, budget: usize, shard: usize, seed: u64) -> MergeOptions {
@@ -39,25 +51,54 @@ fn same_bytes_whatever_threads_budget_and_path() {
     three_models(dir.path(), Family::Llama, Dtype::BF16);
     for (config, tag) in [(TIES, "ties"), (DARE, "dare")] {
         let reference = {
-            merge_yaml(dir.path(), config, &format!("{tag}_ref"), &options(1, 1 << 30, usize::MAX, 5)).unwrap();
+            merge_yaml(
+                dir.path(),
+                config,
+                &format!("{tag}_ref"),
+                &options(1, 1 << 30, usize::MAX, 5),
+            )
+            .unwrap();
             shard_bytes(&dir.path().join(format!("{tag}_ref")))
         };
         // 2 threads with a budget so small that every statistics pass streams from the files.
         for (i, (threads, budget)) in [(2, 1 << 30), (2, 1), (3, 300_000)].into_iter().enumerate() {
             let out = format!("{tag}_{i}");
-            merge_yaml(dir.path(), config, &out, &options(threads, budget, usize::MAX, 5)).unwrap();
-            assert_eq!(shard_bytes(&dir.path().join(&out)), reference, "{tag} with {threads} threads, budget {budget}");
+            merge_yaml(
+                dir.path(),
+                config,
+                &out,
+                &options(threads, budget, usize::MAX, 5),
+            )
+            .unwrap();
+            assert_eq!(
+                shard_bytes(&dir.path().join(&out)),
+                reference,
+                "{tag} with {threads} threads, budget {budget}"
+            );
         }
     }
     // Another seed gives other DARE masks.
-    merge_yaml(dir.path(), DARE, "dare_seed6", &options(1, 1 << 30, usize::MAX, 6)).unwrap();
-    assert_ne!(shard_bytes(&dir.path().join("dare_seed6")), shard_bytes(&dir.path().join("dare_ref")));
+    merge_yaml(
+        dir.path(),
+        DARE,
+        "dare_seed6",
+        &options(1, 1 << 30, usize::MAX, 6),
+    )
+    .unwrap();
+    assert_ne!(
+        shard_bytes(&dir.path().join("dare_seed6")),
+        shard_bytes(&dir.path().join("dare_ref"))
+    );
 }
 
 #[test]
 fn shards_in_and_out_with_index() {
     let dir = tempfile::tempdir().unwrap();
-    for (name, seed, ft) in [("base", 1, None), ("ft1", 1, Some((2, 0.01))), ("ft2", 1, Some((3, 0.01)))] {
+    for (name, seed, ft) in [
+        ("base", 1, None),
+        ("ft1", 1, Some((2, 0.01))),
+        ("ft2", 1, Some((3, 0.01))),
+    ] {
         let mut spec = ModelSpec::tiny(Family::Llama, Dtype::BF16, seed);
         spec.max_shard_bytes = 20_000;
         if let Some((s, scale)) = ft {
@@ -65,16 +106,34 @@ fn shards_in_and_out_with_index() {
         }
         write_model(&spec, &dir.path().join(name)).unwrap();
     }
-    assert!(dir.path().join("base/model.safetensors.index.json").exists());
+    assert!(dir
+        .path()
+        .join("base/model.safetensors.index.json")
+        .exists());
     merge_yaml(dir.path(), TIES, "sharded", &options(0, 1 << 30, 16_000, 0)).unwrap();
     let out = dir.path().join("sharded");
-    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
     let shards = shard_bytes(&out);
-    assert!(shards.len() > 3 && shards[0].0 == format!("model-00001-of-{:05}.safetensors", shards.len()));
+    assert!(
+        shards.len() > 3
+            && shards[0].0 == format!("model-00001-of-{:05}.safetensors", shards.len())
+    );
     let total: usize = load_model(&out).values().map(|t| t.values.len() * 2).sum();
-    assert_eq!(index["metadata"]["total_size"].as_u64().unwrap() as usize, total);
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64().unwrap() as usize,
+        total
+    );
     // The same merge unsharded holds the same tensors.
-    merge_yaml(dir.path(), TIES, "single", &options(0, 1 << 30, usize::MAX, 0)).unwrap();
+    merge_yaml(
+        dir.path(),
+        TIES,
+        "single",
+        &options(0, 1 << 30, usize::MAX, 0),
+    )
+    .unwrap();
     let (a, b) = (load_model(&out), load_model(&dir.path().join("single")));
     assert_eq!(a.len(), b.len());
     for (name, t) in &a {
@@ -87,23 +146,48 @@ fn output_directory_is_complete() {
     let dir = tempfile::tempdir().unwrap();
     three_models(dir.path(), Family::Bert, Dtype::F32);
     let config = "merge_method: task_arithmetic\nbase_model: ./base\nmodels:\n  - model: ./ft1\n    parameters: {weight: 1.0}\nout_dtype: bfloat16\nchat_template: chatml\n";
-    merge_yaml(dir.path(), config, "out", &options(0, 1 << 30, usize::MAX, 0)).unwrap();
+    merge_yaml(
+        dir.path(),
+        config,
+        "out",
+        &options(0, 1 << 30, usize::MAX, 0),
+    )
+    .unwrap();
     let out = dir.path().join("out");
-    for file in ["config.json", "model.safetensors", "tokenizer_config.json", "chat_template.jinja", "mergekit_config.yml", "README.md"] {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "mergekit_config.yml",
+        "README.md",
+    ] {
         assert!(out.join(file).is_file(), "{file}");
     }
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["torch_dtype"], "bfloat16");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.starts_with("---\n") && card.contains("task_arithmetic") && card.contains("merge_method: task_arithmetic"));
+    assert!(
+        card.starts_with("---\n")
+            && card.contains("task_arithmetic")
+            && card.contains("merge_method: task_arithmetic")
+    );
     let tensors = load_model(&out);
     // Integer tensors are copied from the base unchanged.
     let ids = &tensors["embeddings.position_ids"];
     assert_eq!(ids.dtype, Dtype::I64);
-    assert_eq!(ids.bits, load_model(&dir.path().join("base"))["embeddings.position_ids"].bits);
+    assert_eq!(
+        ids.bits,
+        load_model(&dir.path().join("base"))["embeddings.position_ids"].bits
+    );
     assert_eq!(tensors["pooler.dense.weight"].dtype, Dtype::BF16);
     // Nothing else is left beside OUT.
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
@@ -113,16 +197,43 @@ fn passthrough_renumbers_layers_and_updates_config() {
     make(&dir.path().join("a"), Family::Llama, Dtype::BF16, 1, None);
     make(&dir.path().join("b"), Family::Llama, Dtype::BF16, 2, None);
     let config = "merge_method: passthrough\nslices:\n  - sources: [{model: ./a, layer_range: [0, 3]}]\n  - sources: [{model: ./b, layer_range: [1, 4]}]\n";
-    merge_yaml(dir.path(), config, "stack", &options(0, 1 << 30, usize::MAX, 0)).unwrap();
+    merge_yaml(
+        dir.path(),
+        config,
+        "stack",
+        &options(0, 1 << 30, usize::MAX, 0),
+    )
+    .unwrap();
     let out = load_model(&dir.path().join("stack"));
-    let (a, b) = (load_model(&dir.path().join("a")), load_model(&dir.path().join("b")));
-    assert_eq!(out["model.layers.2.mlp.up_proj.weight"].bits, a["model.layers.2.mlp.up_proj.weight"].bits);
-    assert_eq!(out["model.layers.3.mlp.up_proj.weight"].bits, b["model.layers.1.mlp.up_proj.weight"].bits);
-    assert_eq!(out["model.layers.5.mlp.up_proj.weight"].bits, b["model.layers.3.mlp.up_proj.weight"].bits);
+    let (a, b) = (
+        load_model(&dir.path().join("a")),
+        load_model(&dir.path().join("b")),
+    );
+    assert_eq!(
+        out["model.layers.2.mlp.up_proj.weight"].bits,
+        a["model.layers.2.mlp.up_proj.weight"].bits
+    );
+    assert_eq!(
+        out["model.layers.3.mlp.up_proj.weight"].bits,
+        b["model.layers.1.mlp.up_proj.weight"].bits
+    );
+    assert_eq!(
+        out["model.layers.5.mlp.up_proj.weight"].bits,
+        b["model.layers.3.mlp.up_proj.weight"].bits
+    );
     assert!(!out.contains_key("model.layers.6.mlp.up_proj.weight"));
-    assert_eq!(out["lm_head.weight"].bits, b["lm_head.weight"].bits, "post weights come from the last slice");
-    assert_eq!(out["model.embed_tokens.weight"].bits, a["model.embed_tokens.weight"].bits, "pre weights from the first");
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("stack/config.json")).unwrap()).unwrap();
+    assert_eq!(
+        out["lm_head.weight"].bits, b["lm_head.weight"].bits,
+        "post weights come from the last slice"
+    );
+    assert_eq!(
+        out["model.embed_tokens.weight"].bits, a["model.embed_tokens.weight"].bits,
+        "pre weights from the first"
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("stack/config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(config["num_hidden_layers"], 6);
 }
 
@@ -134,28 +245,66 @@ fn resolves_models_from_the_hub_cache() {
     make(&snapshot, Family::Qwen2, Dtype::BF16, 1, None);
     std::fs::create_dir_all(cache.join("models--org--tiny/refs")).unwrap();
     std::fs::write(cache.join("models--org--tiny/refs/main"), "0123abcd").unwrap();
-    make(&dir.path().join("local"), Family::Qwen2, Dtype::BF16, 2, None);
+    make(
+        &dir.path().join("local"),
+        Family::Qwen2,
+        Dtype::BF16,
+        2,
+        None,
+    );
     // SAFETY: the only test in this binary that reads HF_HUB_CACHE.
     unsafe { std::env::set_var("HF_HUB_CACHE", &cache) };
     let config = "merge_method: linear\nmodels:\n  - model: org/tiny\n    parameters: {weight: 1}\n  - model: org/tiny@0123abcd\n    parameters: {weight: 1}\n  - model: ./local\n    parameters: {weight: 2}\n";
-    let plan = merge_yaml(dir.path(), config, "out", &options(0, 1 << 30, usize::MAX, 0)).unwrap();
+    let plan = merge_yaml(
+        dir.path(),
+        config,
+        "out",
+        &options(0, 1 << 30, usize::MAX, 0),
+    )
+    .unwrap();
     assert_eq!(plan.models.len(), 3);
     let card = std::fs::read_to_string(dir.path().join("out/README.md")).unwrap();
     assert!(card.contains("base_model:\n- org/tiny\n"), "{card}");
-    let err = merge_yaml(dir.path(), "merge_method: linear\nmodels:\n  - model: org/absent\n    parameters: {weight: 1}\n", "x", &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("org/absent") && err.contains("line 3"), "{err}");
+    let err = merge_yaml(
+        dir.path(),
+        "merge_method: linear\nmodels:\n  - model: org/absent\n    parameters: {weight: 1}\n",
+        "x",
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("org/absent") && err.contains("line 3"),
+        "{err}"
+    );
 }
 
 /// Runs a merge that must fail, checks the message and that nothing was written.
 fn refused(dir: &Path, config: &str, expect: &[&str]) {
-    let before: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-    let err = merge_yaml(dir, config, "bad", &Default::default()).unwrap_err().to_string();
+    let before: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let err = merge_yaml(dir, config, "bad", &Default::default())
+        .unwrap_err()
+        .to_string();
     for e in expect {
         assert!(err.contains(e), "`{err}` should mention `{e}`");
     }
     assert!(!dir.join("bad").exists());
-    let after: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| !n.to_string_lossy().ends_with(".yml")).collect();
-    assert_eq!(before.iter().filter(|n| !n.to_string_lossy().ends_with(".yml")).count(), after.len(), "left files behind: {after:?}");
+    let after: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| !n.to_string_lossy().ends_with(".yml"))
+        .collect();
+    assert_eq!(
+        before
+            .iter()
+            .filter(|n| !n.to_string_lossy().ends_with(".yml"))
+            .count(),
+        after.len(),
+        "left files behind: {after:?}"
+    );
 }
 
 #[test]
@@ -169,12 +318,28 @@ fn bad_input_is_refused_with_a_precise_message() {
     write_model(&wide, &d.join("wide")).unwrap();
     make(&d.join("f64"), Family::Llama, Dtype::BF16, 1, None);
 
-    refused(d, "merge_method: ties\nmodels:\n  - model: ./ft1\n    parameters: {weight: 1}\n", &["ties", "base_model"]);
-    refused(d, "merge_method: tiez\nbase_model: ./base\nmodels:\n  - model: ./ft1\n", &["merge_method", "tiez", "line 1"]);
+    refused(
+        d,
+        "merge_method: ties\nmodels:\n  - model: ./ft1\n    parameters: {weight: 1}\n",
+        &["ties", "base_model"],
+    );
+    refused(
+        d,
+        "merge_method: tiez\nbase_model: ./base\nmodels:\n  - model: ./ft1\n",
+        &["merge_method", "tiez", "line 1"],
+    );
     refused(d, "merge_method: ties\nbase_model: ./base\nmodels:\n  - model: ./ft1\n    parameters: {weigth: 1}\n", &["weigth", "line 5"]);
     refused(d, "merge_method: ties\nbase_model: ./base\nmodels:\n  - model: ./ft1\n    parameters: {weight: yes please}\n", &["weight", "line 5", "not a number"]);
-    refused(d, "merge_method: ties\nbase_model: ./base\nmodels:\n  - model: ./ft1\n", &["ft1", "weight"]);
-    refused(d, "merge_method: linear\nmodels:\n  - model: ./missing\n    parameters: {weight: 1}\n", &["missing", "line 3"]);
+    refused(
+        d,
+        "merge_method: ties\nbase_model: ./base\nmodels:\n  - model: ./ft1\n",
+        &["ft1", "weight"],
+    );
+    refused(
+        d,
+        "merge_method: linear\nmodels:\n  - model: ./missing\n    parameters: {weight: 1}\n",
+        &["missing", "line 3"],
+    );
     refused(d, "merge_method: slerp\nbase_model: ./base\nmodels:\n  - model: ./ft1\n  - model: ./ft2\nparameters: {t: 0.5}\n", &["slerp", "exactly 2"]);
     refused(d, "merge_method: linear\nmodels:\n  - model: ./base\n    parameters: {weight: 1}\n  - model: ./wide\n    parameters: {weight: 1}\n", &["mlp", "shape", "wide"]);
     refused(d, "merge_method: linear\nmodels:\n  - model: ./base\n    parameters: {weight: 1}\n  - model: ./ft1\n    parameters: {weight: -1}\n", &["sum to zero"]);
@@ -191,14 +356,27 @@ fn bad_input_is_refused_with_a_precise_message() {
     make(&cut, Family::Llama, Dtype::BF16, 1, None);
     let file = cut.join("model.safetensors");
     let len = std::fs::metadata(&file).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len - 100).unwrap();
-    refused(d, "merge_method: linear\nmodels:\n  - model: ./cut\n    parameters: {weight: 1}\n", &["truncated", "model.safetensors"]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    refused(
+        d,
+        "merge_method: linear\nmodels:\n  - model: ./cut\n    parameters: {weight: 1}\n",
+        &["truncated", "model.safetensors"],
+    );
     let garbled = d.join("garbled");
     make(&garbled, Family::Llama, Dtype::BF16, 1, None);
     let mut bytes = std::fs::read(garbled.join("model.safetensors")).unwrap();
     bytes[10] = b'#';
     std::fs::write(garbled.join("model.safetensors"), bytes).unwrap();
-    refused(d, "merge_method: linear\nmodels:\n  - model: ./garbled\n    parameters: {weight: 1}\n", &["invalid header", "garbled"]);
+    refused(
+        d,
+        "merge_method: linear\nmodels:\n  - model: ./garbled\n    parameters: {weight: 1}\n",
+        &["invalid header", "garbled"],
+    );
 
     // Unsupported float dtype in one input.
     let bad_dtype = d.join("f64");
@@ -206,7 +384,11 @@ fn bad_input_is_refused_with_a_precise_message() {
     let mut bytes = std::fs::read(&file).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
-    let patched = header.replacen("\"dtype\":\"BF16\",\"shape\":[64,32]", "\"dtype\":\"I16\" ,\"shape\":[64,32]", 1);
+    let patched = header.replacen(
+        "\"dtype\":\"BF16\",\"shape\":[64,32]",
+        "\"dtype\":\"I16\" ,\"shape\":[64,32]",
+        1,
+    );
     assert_ne!(header, patched);
     bytes[8..8 + n].copy_from_slice(patched.as_bytes());
     std::fs::write(&file, bytes).unwrap();
@@ -222,14 +404,27 @@ fn output_never_touches_inputs() {
     let config = d.join("c.yml");
     std::fs::write(&config, TIES.replace("./", &format!("{}/", d.display()))).unwrap();
     for out in [d.join("base"), d.join("base/sub"), d.to_path_buf()] {
-        let o = fusekit::MergeOptions { write: fusekit::write::WriteOptions { force: true }, ..Default::default() };
-        let err = fusekit::merge(&config, &out, &o, &()).unwrap_err().to_string();
+        let o = fusekit::MergeOptions {
+            write: fusekit::write::WriteOptions { force: true },
+            ..Default::default()
+        };
+        let err = fusekit::merge(&config, &out, &o, &())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("overlaps input model"), "{err}");
     }
     assert_eq!(shard_bytes(&d.join("base")), before);
     fusekit::merge(&config, &d.join("out"), &Default::default(), &()).unwrap();
-    let err = fusekit::merge(&config, &d.join("out"), &Default::default(), &()).unwrap_err().to_string();
-    assert!(err.contains("already exists") && err.contains("--force"), "{err}");
-    let o = fusekit::MergeOptions { write: fusekit::write::WriteOptions { force: true }, ..Default::default() };
+    let err = fusekit::merge(&config, &d.join("out"), &Default::default(), &())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    let o = fusekit::MergeOptions {
+        write: fusekit::write::WriteOptions { force: true },
+        ..Default::default()
+    };
     fusekit::merge(&config, &d.join("out"), &o, &()).unwrap();
 }

@@ -30,15 +30,33 @@ struct Report {
 
 /// Positions where some model's task vector sits exactly at its top-k threshold (TIES), so that
 /// which of the equal elements are kept is torch's arbitrary choice.
-fn tie_positions(plan: &fusekit::plan::Plan, tensor: &str, inputs: &[std::collections::BTreeMap<String, Loaded>], _out: &[f32]) -> Vec<bool> {
+fn tie_positions(
+    plan: &fusekit::plan::Plan,
+    tensor: &str,
+    inputs: &[std::collections::BTreeMap<String, Loaded>],
+    _out: &[f32],
+) -> Vec<bool> {
     let task = plan.tensors.iter().find(|t| t.name == tensor).unwrap();
     let n = task.numel();
     let mut ties = vec![false; n];
-    let fusekit::plan::Work::Merge(m) = &task.work else { return ties };
-    let (Some(base), "ties") = (m.base, plan.method.spec().name) else { return ties };
+    let fusekit::plan::Work::Merge(m) = &task.work else {
+        return ties;
+    };
+    let (Some(base), "ties") = (m.base, plan.method.spec().name) else {
+        return ties;
+    };
     let value = |input: &fusekit::plan::MergeInput| -> Vec<f32> {
         let model = &plan.models[input.model];
-        let idx = inputs.iter().position(|t| t.get(&input.tensor).is_some_and(|l| l.values.len() == n && model.source(&input.tensor).unwrap().start == model.source(&input.tensor).unwrap().start)).unwrap();
+        let idx = inputs
+            .iter()
+            .position(|t| {
+                t.get(&input.tensor).is_some_and(|l| {
+                    l.values.len() == n
+                        && model.source(&input.tensor).unwrap().start
+                            == model.source(&input.tensor).unwrap().start
+                })
+            })
+            .unwrap();
         let s = model.source(&input.tensor).unwrap();
         let _ = idx;
         let mut v = vec![0f32; n];
@@ -79,29 +97,74 @@ fn run_case(case: &serde_json::Value) -> Report {
     let dtype = Dtype::from_config(case["dtype"].as_str().unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (model, spec) in case["models"].as_object().unwrap() {
-        let finetune = spec.get("finetune").map(|f| (f[0].as_u64().unwrap(), f[1].as_f64().unwrap() as f32));
-        make(&dir.path().join(model), family, dtype, spec["seed"].as_u64().unwrap(), finetune);
+        let finetune = spec
+            .get("finetune")
+            .map(|f| (f[0].as_u64().unwrap(), f[1].as_f64().unwrap() as f32));
+        make(
+            &dir.path().join(model),
+            family,
+            dtype,
+            spec["seed"].as_u64().unwrap(),
+            finetune,
+        );
     }
-    let plan = merge_yaml(dir.path(), case["config"].as_str().unwrap(), "out", &Default::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let plan = merge_yaml(
+        dir.path(),
+        case["config"].as_str().unwrap(),
+        "out",
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
     let ours = load_model(&dir.path().join("out"));
     let reference_dir = repo().join("tests/mergekit/reference");
     let theirs = load_file(&reference_dir.join(format!("{name}.safetensors")));
-    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>(), "{name}: tensor names");
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>(),
+        "{name}: tensor names"
+    );
 
-    let their_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reference_dir.join(format!("{name}.config.json"))).unwrap()).unwrap();
-    let our_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/config.json")).unwrap()).unwrap();
+    let their_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(reference_dir.join(format!("{name}.config.json"))).unwrap(),
+    )
+    .unwrap();
+    let our_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/config.json")).unwrap())
+            .unwrap();
     for key in ["num_hidden_layers", "n_layer"] {
-        assert_eq!(our_config.get(key), their_config.get(key), "{name}: config `{key}`");
+        assert_eq!(
+            our_config.get(key),
+            their_config.get(key),
+            "{name}: config `{key}`"
+        );
     }
 
-    let mut report = Report { name: name.to_string(), tensors: ours.len(), max_ulps: 0, off_by_one: 0, cancellations: 0, ties: 0, tie_mismatches: 0, elements: 0 };
+    let mut report = Report {
+        name: name.to_string(),
+        tensors: ours.len(),
+        max_ulps: 0,
+        off_by_one: 0,
+        cancellations: 0,
+        ties: 0,
+        tie_mismatches: 0,
+        elements: 0,
+    };
     let statistical = case["compare"] == "statistical";
     let is_ties = plan.method.spec().name == "ties";
     let base = statistical.then(|| load_model(&dir.path().join("base")));
-    let inputs: Vec<_> = case["models"].as_object().unwrap().keys().map(|m| load_model(&dir.path().join(m))).collect();
+    let inputs: Vec<_> = case["models"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|m| load_model(&dir.path().join(m)))
+        .collect();
     for (tensor, a) in &ours {
         let b = &theirs[tensor];
-        assert_eq!((a.dtype, &a.shape), (b.dtype, &b.shape), "{name}: `{tensor}` dtype/shape");
+        assert_eq!(
+            (a.dtype, &a.shape),
+            (b.dtype, &b.shape),
+            "{name}: `{tensor}` dtype/shape"
+        );
         if a.values.is_empty() {
             assert_eq!(a.bits, b.bits, "{name}: `{tensor}` copied bytes");
             continue;
@@ -113,7 +176,11 @@ fn run_case(case: &serde_json::Value) -> Report {
         }
         let ties = tie_positions(&plan, tensor, &inputs, &a.values);
         report.ties += ties.iter().filter(|t| **t).count();
-        let operands: Vec<&Loaded> = inputs.iter().filter_map(|m| m.get(tensor)).filter(|t| t.shape == a.shape && !t.values.is_empty()).collect();
+        let operands: Vec<&Loaded> = inputs
+            .iter()
+            .filter_map(|m| m.get(tensor))
+            .filter(|t| t.shape == a.shape && !t.values.is_empty())
+            .collect();
         for (i, (x, y)) in a.bits.iter().zip(&b.bits).enumerate() {
             let d = ulps(a.dtype, *x, *y);
             if d > 1 && ties[i] {
@@ -125,7 +192,10 @@ fn run_case(case: &serde_json::Value) -> Report {
                 // to the compute dtype; fusekit keeps them in f32. Where the result cancels to near
                 // zero those roundings show as many ulps of the small result, yet stay within the
                 // ~4 roundings' worth at the magnitude of the operands.
-                let magnitude = operands.iter().map(|t| t.values[i].abs()).fold(0f32, f32::max);
+                let magnitude = operands
+                    .iter()
+                    .map(|t| t.values[i].abs())
+                    .fold(0f32, f32::max);
                 let diff = (a.values[i] - b.values[i]).abs();
                 if is_ties && diff > 4.0 * ulp_at(a.dtype, magnitude) {
                     // Masks differ: a tie in mergekit's bf16 arithmetic that f32 does not see.
@@ -142,29 +212,50 @@ fn run_case(case: &serde_json::Value) -> Report {
     }
     // torch's unstable argsort breaks ties among equal bf16 magnitudes arbitrarily (not by index),
     // so a small share of TIES elements legitimately differ; everything else must agree.
-    assert!(report.tie_mismatches as f64 <= 0.05 * report.elements as f64 && report.tie_mismatches <= 2 * report.ties.max(1), "{name}: {} of {} elements differ at ties", report.tie_mismatches, report.elements);
+    assert!(
+        report.tie_mismatches as f64 <= 0.05 * report.elements as f64
+            && report.tie_mismatches <= 2 * report.ties.max(1),
+        "{name}: {} of {} elements differ at ties",
+        report.tie_mismatches,
+        report.elements
+    );
     report
 }
 
 /// DARE draws its masks from different random streams than torch, so compare what the method
 /// promises: the fraction of changed elements and the L1 mass of the merged task vector.
 fn compare_dare(name: &str, tensor: &str, base: &[f32], ours: &[f32], theirs: &[f32]) {
-    let changed = |v: &[f32]| v.iter().zip(base).filter(|(x, b)| x != b).count() as f64 / base.len() as f64;
-    let l1 = |v: &[f32]| v.iter().zip(base).map(|(x, b)| (x - b).abs() as f64).sum::<f64>();
+    let changed =
+        |v: &[f32]| v.iter().zip(base).filter(|(x, b)| x != b).count() as f64 / base.len() as f64;
+    let l1 = |v: &[f32]| {
+        v.iter()
+            .zip(base)
+            .map(|(x, b)| (x - b).abs() as f64)
+            .sum::<f64>()
+    };
     let n = base.len() as f64;
     // Binomial standard error of a rate, with room for 5 sigma.
     let tolerance = 5.0 * (0.25 / n).sqrt() + 0.01;
     let (ca, cb) = (changed(ours), changed(theirs));
-    assert!((ca - cb).abs() <= tolerance, "{name}: `{tensor}` changed fraction {ca:.3} (fusekit) vs {cb:.3} (mergekit)");
+    assert!(
+        (ca - cb).abs() <= tolerance,
+        "{name}: `{tensor}` changed fraction {ca:.3} (fusekit) vs {cb:.3} (mergekit)"
+    );
     if n >= 1024.0 {
         let (la, lb) = (l1(ours), l1(theirs));
-        assert!((la - lb).abs() <= 0.15 * lb.max(1e-12), "{name}: `{tensor}` L1 of the merged delta {la:.5} vs {lb:.5}");
+        assert!(
+            (la - lb).abs() <= 0.15 * lb.max(1e-12),
+            "{name}: `{tensor}` L1 of the merged delta {la:.5} vs {lb:.5}"
+        );
     }
 }
 
 #[test]
 fn fusekit_equals_mergekit() {
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo().join("tests/mergekit/cases.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/mergekit/cases.json")).unwrap(),
+    )
+    .unwrap();
     let cases = manifest["cases"].as_array().unwrap();
     assert!(cases.len() >= 20);
     for case in cases {

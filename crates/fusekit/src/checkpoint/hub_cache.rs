@@ -7,7 +7,11 @@ use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
 pub fn cache_root() -> Option<PathBuf> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     env("HF_HUB_CACHE")
         .or_else(|| env("HUGGINGFACE_HUB_CACHE"))
         .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
@@ -82,12 +86,23 @@ mod tests {
         std::fs::create_dir_all(repo.join("snapshots/abc123")).unwrap();
         std::fs::create_dir_all(repo.join("snapshots/def456")).unwrap();
         std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
-        assert!(resolve_in(root.path(), "org/tiny").unwrap().ends_with("snapshots/abc123"));
-        assert!(resolve_in(root.path(), "org/tiny@def456").unwrap().ends_with("snapshots/def456"));
-        let err = resolve_in(root.path(), "org/tiny@v2").unwrap_err().to_string();
+        assert!(resolve_in(root.path(), "org/tiny")
+            .unwrap()
+            .ends_with("snapshots/abc123"));
+        assert!(resolve_in(root.path(), "org/tiny@def456")
+            .unwrap()
+            .ends_with("snapshots/def456"));
+        let err = resolve_in(root.path(), "org/tiny@v2")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("org/tiny@v2") && err.contains("v2"), "{err}");
-        let err = resolve_in(root.path(), "org/other").unwrap_err().to_string();
-        assert!(err.contains("org/other") && err.contains("never downloads"), "{err}");
+        let err = resolve_in(root.path(), "org/other")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("org/other") && err.contains("never downloads"),
+            "{err}"
+        );
     }
 
     #[test]

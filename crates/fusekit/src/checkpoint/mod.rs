@@ -148,18 +148,27 @@ fn open_sharded(index_path: &Path, dir: &Path) -> Result<ShardSet> {
     let mut files = Vec::new();
     let mut locations = BTreeMap::new();
     for (tensor, shard) in weight_map {
-        let shard = shard
-            .as_str()
-            .ok_or_else(|| Error::bad_file(index_path, format!("`weight_map.{tensor}` is not a file name")))?;
+        let shard = shard.as_str().ok_or_else(|| {
+            Error::bad_file(
+                index_path,
+                format!("`weight_map.{tensor}` is not a file name"),
+            )
+        })?;
         if shard.contains('/') || shard.contains("..") {
-            return Err(Error::bad_file(index_path, format!("shard name `{shard}` leaves the model directory")));
+            return Err(Error::bad_file(
+                index_path,
+                format!("shard name `{shard}` leaves the model directory"),
+            ));
         }
         let id = match shard_ids.get(shard) {
             Some(&id) => id,
             None => {
                 let path = dir.join(shard);
                 if !path.is_file() {
-                    return Err(Error::bad_file(index_path, format!("shard `{shard}` listed for `{tensor}` does not exist")));
+                    return Err(Error::bad_file(
+                        index_path,
+                        format!("shard `{shard}` listed for `{tensor}` does not exist"),
+                    ));
                 }
                 files.push(SafetensorsFile::open(&path)?);
                 shard_ids.insert(shard.to_string(), files.len() - 1);

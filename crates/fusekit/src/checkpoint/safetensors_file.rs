@@ -46,13 +46,16 @@ impl SafetensorsFile {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut len_bytes = [0u8; 8];
-        file.read_exact(&mut len_bytes)
-            .map_err(|_| Error::bad_file(path, "truncated: shorter than the 8-byte header length"))?;
+        file.read_exact(&mut len_bytes).map_err(|_| {
+            Error::bad_file(path, "truncated: shorter than the 8-byte header length")
+        })?;
         let header_len = u64::from_le_bytes(len_bytes);
         if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
             return Err(Error::bad_file(
                 path,
-                format!("corrupt: header length {header_len} does not fit a file of {file_len} bytes"),
+                format!(
+                    "corrupt: header length {header_len} does not fit a file of {file_len} bytes"
+                ),
             ));
         }
         let mut header = vec![0u8; header_len as usize];
@@ -67,7 +70,11 @@ impl SafetensorsFile {
                 path,
                 format!(
                     "{}: the header describes {expected} bytes but the file has {file_len}",
-                    if file_len < expected { "truncated" } else { "corrupt" }
+                    if file_len < expected {
+                        "truncated"
+                    } else {
+                        "corrupt"
+                    }
                 ),
             ));
         }
@@ -83,7 +90,11 @@ impl SafetensorsFile {
     }
 }
 
-type ParsedHeader = (BTreeMap<String, TensorEntry>, BTreeMap<String, String>, usize);
+type ParsedHeader = (
+    BTreeMap<String, TensorEntry>,
+    BTreeMap<String, String>,
+    usize,
+);
 
 fn parse_header(header: &[u8], data_start: usize) -> Result<ParsedHeader, String> {
     let json: serde_json::Map<String, serde_json::Value> =
@@ -93,19 +104,21 @@ fn parse_header(header: &[u8], data_start: usize) -> Result<ParsedHeader, String
     let mut ranges = Vec::new();
     for (name, value) in json {
         if name == "__metadata__" {
-            let map = value
-                .as_object()
-                .ok_or("`__metadata__` is not an object")?;
+            let map = value.as_object().ok_or("`__metadata__` is not an object")?;
             for (k, v) in map {
-                let v = v.as_str().ok_or(format!("`__metadata__.{k}` is not a string"))?;
+                let v = v
+                    .as_str()
+                    .ok_or(format!("`__metadata__.{k}` is not a string"))?;
                 metadata.insert(k.clone(), v.to_string());
             }
             continue;
         }
         let entry = parse_entry(&name, &value)?;
         ranges.push((entry.begin, entry.end, name.clone()));
-        let dtype = Dtype::from_safetensors(&entry.dtype)
-            .ok_or(format!("tensor `{name}`: unsupported dtype {}", entry.dtype))?;
+        let dtype = Dtype::from_safetensors(&entry.dtype).ok_or(format!(
+            "tensor `{name}`: unsupported dtype {}",
+            entry.dtype
+        ))?;
         let numel = entry
             .shape
             .iter()
@@ -151,7 +164,9 @@ struct RawEntry {
 
 fn parse_entry(name: &str, value: &serde_json::Value) -> Result<RawEntry, String> {
     let bad = |what: &str| format!("tensor `{name}`: {what}");
-    let obj = value.as_object().ok_or_else(|| bad("entry is not an object"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| bad("entry is not an object"))?;
     let dtype = obj
         .get("dtype")
         .and_then(|v| v.as_str())
@@ -162,7 +177,11 @@ fn parse_entry(name: &str, value: &serde_json::Value) -> Result<RawEntry, String
         .and_then(|v| v.as_array())
         .ok_or_else(|| bad("missing shape"))?
         .iter()
-        .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| bad("bad shape")))
+        .map(|d| {
+            d.as_u64()
+                .map(|d| d as usize)
+                .ok_or_else(|| bad("bad shape"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let offsets = obj
         .get("data_offsets")

@@ -88,8 +88,8 @@ pub fn load(path: &Path) -> Result<LoadedConfig> {
 }
 
 pub fn parse(text: &str, origin: &str) -> Result<LoadedConfig> {
-    let config: MergeConfig = serde_saphyr::from_str(text)
-        .map_err(|e| Error::config(format!("{origin}: {e}")))?;
+    let config: MergeConfig =
+        serde_saphyr::from_str(text).map_err(|e| Error::config(format!("{origin}: {e}")))?;
     validate_shape(&config)?;
     Ok(LoadedConfig {
         config,
@@ -100,7 +100,11 @@ pub fn parse(text: &str, origin: &str) -> Result<LoadedConfig> {
 
 fn validate_shape(c: &MergeConfig) -> Result<()> {
     if let Some(m) = &c.modules {
-        return Err(error_at(m, "modules", "multi-module configs are not supported yet; use `models` or `slices`"));
+        return Err(error_at(
+            m,
+            "modules",
+            "multi-module configs are not supported yet; use `models` or `slices`",
+        ));
     }
     if let Some(t) = &c.tokenizer {
         return Err(error_at(t, "tokenizer", "the `tokenizer` block (vocabulary union) is not supported yet; use `tokenizer_source: base` or a model"));
@@ -116,7 +120,11 @@ fn validate_shape(c: &MergeConfig) -> Result<()> {
         for source in &slice.sources {
             let [a, b] = source.layer_range.value;
             if a >= b {
-                return Err(error_at(&source.layer_range, "layer_range", format!("[{a}, {b}] is empty")));
+                return Err(error_at(
+                    &source.layer_range,
+                    "layer_range",
+                    format!("[{a}, {b}] is empty"),
+                ));
             }
         }
     }
@@ -156,16 +164,27 @@ dtype: float16
         assert_eq!(models.len(), 3);
         let b = models[1].parameters.as_ref().unwrap();
         assert_eq!(b["density"].referenced.line(), 6);
-        assert!(matches!(ParamValue::parse("weight", &b["weight"]).unwrap(), ParamValue::List(_)));
+        assert!(matches!(
+            ParamValue::parse("weight", &b["weight"]).unwrap(),
+            ParamValue::List(_)
+        ));
     }
 
     #[test]
     fn misspelled_key_names_key_and_line() {
-        let err = parse("merge_methd: linear\nmodels: []\n", "x.yml").unwrap_err().to_string();
-        assert!(err.contains("merge_methd") && err.contains("line 1"), "{err}");
-        let err = parse("merge_method: linear\nmodels:\n  - model: a\n    paramters: {}\n", "x.yml")
+        let err = parse("merge_methd: linear\nmodels: []\n", "x.yml")
             .unwrap_err()
             .to_string();
+        assert!(
+            err.contains("merge_methd") && err.contains("line 1"),
+            "{err}"
+        );
+        let err = parse(
+            "merge_method: linear\nmodels:\n  - model: a\n    paramters: {}\n",
+            "x.yml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("paramters") && err.contains("line 4"), "{err}");
     }
 
@@ -175,6 +194,9 @@ dtype: float16
         let err = parse("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [3, 3]\n", "x")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("layer_range") && err.contains("line 5"), "{err}");
+        assert!(
+            err.contains("layer_range") && err.contains("line 5"),
+            "{err}"
+        );
     }
 }

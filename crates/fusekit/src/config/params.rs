@@ -70,22 +70,36 @@ impl ParamValue {
         use serde_json::Value;
         match value {
             Value::Array(items) if items.iter().all(|i| i.is_object()) && !items.is_empty() => {
-                items.iter().map(Self::conditional).collect::<std::result::Result<_, _>>().map(ParamValue::Conditional)
+                items
+                    .iter()
+                    .map(Self::conditional)
+                    .collect::<std::result::Result<_, _>>()
+                    .map(ParamValue::Conditional)
             }
             Value::Array(items) => items
                 .iter()
-                .map(|i| scalar(i).ok_or_else(|| format!("list entries must be scalars or {{filter, value}} maps, got {i}")))
+                .map(|i| {
+                    scalar(i).ok_or_else(|| {
+                        format!("list entries must be scalars or {{filter, value}} maps, got {i}")
+                    })
+                })
                 .collect::<std::result::Result<_, _>>()
                 .map(ParamValue::List),
             Value::Object(_) => Self::conditional(value).map(|c| ParamValue::Conditional(vec![c])),
-            other => scalar(other).map(ParamValue::Scalar).ok_or_else(|| format!("unsupported value {other}")),
+            other => scalar(other)
+                .map(ParamValue::Scalar)
+                .ok_or_else(|| format!("unsupported value {other}")),
         }
     }
 
-    fn conditional(value: &serde_json::Value) -> std::result::Result<(Option<String>, ParamValue), String> {
+    fn conditional(
+        value: &serde_json::Value,
+    ) -> std::result::Result<(Option<String>, ParamValue), String> {
         let map = value.as_object().ok_or("expected a {filter, value} map")?;
         if let Some(k) = map.keys().find(|k| *k != "filter" && *k != "value") {
-            return Err(format!("unknown key `{k}` in a conditional (expected `filter` and `value`)"));
+            return Err(format!(
+                "unknown key `{k}` in a conditional (expected `filter` and `value`)"
+            ));
         }
         let filter = match map.get("filter") {
             None | Some(serde_json::Value::Null) => None,
@@ -114,11 +128,13 @@ impl ParamValue {
                     None => Some(items[(t * (items.len() - 1) as f64) as usize].clone()),
                 }
             }
-            ParamValue::Conditional(conds) => conds.iter().find_map(|(filter, value)| match filter {
-                None => value.evaluate(tensor, t),
-                Some(f) if f == "*" || tensor.contains(f.as_str()) => value.evaluate(tensor, t),
-                Some(_) => None,
-            }),
+            ParamValue::Conditional(conds) => {
+                conds.iter().find_map(|(filter, value)| match filter {
+                    None => value.evaluate(tensor, t),
+                    Some(f) if f == "*" || tensor.contains(f.as_str()) => value.evaluate(tensor, t),
+                    Some(_) => None,
+                })
+            }
         }
     }
 }
@@ -156,7 +172,9 @@ mod tests {
         assert_eq!(g.evaluate("x", 0.0), Some(Scalar::Number(0.0)));
         assert_eq!(g.evaluate("x", 1.0), Some(Scalar::Number(1.0)));
         // t = 0.3 → scaled 1.2 → 0.8·0.5 + 0.2·0.3
-        let Some(Scalar::Number(x)) = g.evaluate("x", 0.3) else { panic!() };
+        let Some(Scalar::Number(x)) = g.evaluate("x", 0.3) else {
+            panic!()
+        };
         assert!((x - 0.46).abs() < 1e-12);
         let steps = value(json!(["a", "b", "c"]));
         assert_eq!(steps.evaluate("x", 0.99), Some(Scalar::Text("b".into())));
@@ -169,9 +187,18 @@ mod tests {
             {"filter": "mlp", "value": 0.25},
             {"value": 0.5}
         ]));
-        assert_eq!(v.evaluate("model.layers.1.self_attn.q_proj.weight", 0.5), Some(Scalar::Number(0.5)));
-        assert_eq!(v.evaluate("model.layers.1.mlp.up_proj.weight", 0.5), Some(Scalar::Number(0.25)));
-        assert_eq!(v.evaluate("model.norm.weight", 0.0), Some(Scalar::Number(0.5)));
+        assert_eq!(
+            v.evaluate("model.layers.1.self_attn.q_proj.weight", 0.5),
+            Some(Scalar::Number(0.5))
+        );
+        assert_eq!(
+            v.evaluate("model.layers.1.mlp.up_proj.weight", 0.5),
+            Some(Scalar::Number(0.25))
+        );
+        assert_eq!(
+            v.evaluate("model.norm.weight", 0.0),
+            Some(Scalar::Number(0.5))
+        );
         let no_fallback = value(json!([{"filter": "mlp", "value": 1.0}]));
         assert_eq!(no_fallback.evaluate("model.norm.weight", 0.0), None);
         let star = value(json!([{"filter": "*", "value": 2.0}]));
@@ -180,7 +207,13 @@ mod tests {
 
     #[test]
     fn bad_conditionals_are_explained() {
-        assert!(ParamValue::from_json(&json!([{"filtr": "mlp", "value": 1}])).unwrap_err().contains("filtr"));
-        assert!(ParamValue::from_json(&json!([{"filter": "mlp"}])).unwrap_err().contains("value"));
+        assert!(
+            ParamValue::from_json(&json!([{"filtr": "mlp", "value": 1}]))
+                .unwrap_err()
+                .contains("filtr")
+        );
+        assert!(ParamValue::from_json(&json!([{"filter": "mlp"}]))
+            .unwrap_err()
+            .contains("value"));
     }
 }

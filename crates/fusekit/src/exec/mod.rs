@@ -28,7 +28,10 @@ pub struct ExecOptions {
 
 impl Default for ExecOptions {
     fn default() -> Self {
-        ExecOptions { threads: 0, memory_budget: 1 << 30 }
+        ExecOptions {
+            threads: 0,
+            memory_budget: 1 << 30,
+        }
     }
 }
 
@@ -46,7 +49,12 @@ pub struct Output<'a> {
     pub paths: &'a [std::path::PathBuf],
 }
 
-pub fn run(plan: &Plan, out: &Output, options: &ExecOptions, progress: &dyn Progress) -> Result<()> {
+pub fn run(
+    plan: &Plan,
+    out: &Output,
+    options: &ExecOptions,
+    progress: &dyn Progress,
+) -> Result<()> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(options.threads)
         .build()
@@ -59,7 +67,12 @@ pub fn run(plan: &Plan, out: &Output, options: &ExecOptions, progress: &dyn Prog
     pool.install(|| {
         order.par_iter().try_for_each(|&i| {
             let task = &plan.tensors[i];
-            let writer = Writer { file: &out.files[task.shard], path: &out.paths[task.shard], base_offset: task.offset, progress };
+            let writer = Writer {
+                file: &out.files[task.shard],
+                path: &out.paths[task.shard],
+                base_offset: task.offset,
+                progress,
+            };
             match &task.work {
                 Work::Copy(source) => copy(source, &writer, share),
                 Work::Merge(merge) => merge_tensor(plan, task, merge, &writer, share),
@@ -77,7 +90,8 @@ struct Writer<'a> {
 
 impl Writer<'_> {
     fn write(&self, byte_offset: usize, bytes: &[u8]) -> Result<()> {
-        self.file.write_at(self.base_offset + byte_offset, bytes, self.path)?;
+        self.file
+            .write_at(self.base_offset + byte_offset, bytes, self.path)?;
         self.progress.advance(bytes.len() as u64);
         Ok(())
     }
@@ -101,7 +115,13 @@ fn release(source: &TensorSource, first: usize, count: usize) {
     let size = source.dtype.size();
     // SAFETY: the map is a read-only file mapping; MADV_DONTNEED only drops our view of the
     // pages, which are faulted in again from the file if read later.
-    let _ = unsafe { source.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, source.start + first * size, count * size) };
+    let _ = unsafe {
+        source.map.unchecked_advise_range(
+            memmap2::UncheckedAdvice::DontNeed,
+            source.start + first * size,
+            count * size,
+        )
+    };
 }
 
 /// An input as the merge sees it: stored dtype, and the compute dtype it is first rounded to
@@ -120,10 +140,23 @@ impl Input<'_> {
     }
 }
 
-fn merge_tensor(plan: &Plan, task: &TensorTask, merge: &MergeTask, writer: &Writer, share: usize) -> Result<()> {
+fn merge_tensor(
+    plan: &Plan,
+    task: &TensorTask,
+    merge: &MergeTask,
+    writer: &Writer,
+    share: usize,
+) -> Result<()> {
     let numel = task.numel();
     let cast = plan.compute_dtype.filter(|d| *d != Dtype::F32);
-    let inputs: Vec<Input> = merge.inputs.iter().map(|i| Input { source: &i.source, cast: cast.filter(|c| *c != i.source.dtype) }).collect();
+    let inputs: Vec<Input> = merge
+        .inputs
+        .iter()
+        .map(|i| Input {
+            source: &i.source,
+            cast: cast.filter(|c| *c != i.source.dtype),
+        })
+        .collect();
     let ctx = TensorContext {
         name: &task.name,
         numel,
@@ -194,7 +227,15 @@ fn run_passes(merger: &mut dyn TensorMerger, numel: usize, blocks: &Blocks) -> R
 }
 
 /// Computes and writes the output in chunks of whole blocks.
-fn write_output(merger: &dyn TensorMerger, task: &TensorTask, numel: usize, share: usize, writer: &Writer, blocks: &Blocks, parallel: bool) -> Result<()> {
+fn write_output(
+    merger: &dyn TensorMerger,
+    task: &TensorTask,
+    numel: usize,
+    share: usize,
+    writer: &Writer,
+    blocks: &Blocks,
+    parallel: bool,
+) -> Result<()> {
     let out_size = task.dtype.size();
     let chunk = ((share / 4 / out_size.max(1)) / BLOCK).max(1) * BLOCK;
     let starts: Vec<usize> = (0..numel).step_by(chunk).collect();
@@ -204,9 +245,15 @@ fn write_output(merger: &dyn TensorMerger, task: &TensorTask, numel: usize, shar
         let mut values = vec![0f32; BLOCK];
         for start in (first..first + count).step_by(BLOCK) {
             let len = BLOCK.min(numel - start);
-            blocks(start, len, &mut |views| merger.apply(start, views, &mut values[..len]));
+            blocks(start, len, &mut |views| {
+                merger.apply(start, views, &mut values[..len])
+            });
             let at = (start - first) * out_size;
-            encode(task.dtype, &values[..len], &mut bytes[at..at + len * out_size]);
+            encode(
+                task.dtype,
+                &values[..len],
+                &mut bytes[at..at + len * out_size],
+            );
         }
         writer.write(first * out_size, &bytes)
     };

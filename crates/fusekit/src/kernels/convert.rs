@@ -97,9 +97,18 @@ mod tests {
 
     fn samples() -> Vec<f32> {
         let mut v: Vec<f32> = (0..20000)
-            .map(|i| ((i as f32) * 0.7131).sin() * 10f32.powi((i % 13) as i32 - 6))
+            .map(|i| ((i as f32) * 0.7131).sin() * 10f32.powi(i % 13 - 6))
             .collect();
-        v.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE, 1e-40, 65520.0]);
+        v.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            65520.0,
+        ]);
         v
     }
 
@@ -109,7 +118,11 @@ mod tests {
         let mut bytes = vec![0u8; values.len() * 2];
         encode(Dtype::BF16, &values, &mut bytes);
         for (x, b) in values.iter().zip(bytes.chunks_exact(2)) {
-            assert_eq!(u16::from_le_bytes([b[0], b[1]]), bf16::from_f32(*x).to_bits(), "{x}");
+            assert_eq!(
+                u16::from_le_bytes([b[0], b[1]]),
+                bf16::from_f32(*x).to_bits(),
+                "{x}"
+            );
         }
         let mut back = vec![0f32; values.len()];
         decode(Dtype::BF16, &bytes, &mut back);
@@ -135,6 +148,9 @@ mod tests {
         let mut bytes = vec![0u8; values.len() * 4];
         encode(Dtype::F32, &values, &mut bytes);
         decode(Dtype::F32, &bytes, &mut back);
-        assert_eq!(values.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), back.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            values.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
     }
 }

@@ -38,3 +38,12 @@ mod tests {
         assert_eq!(block_sum(0, |_| 1.0), 0.0);
     }
 }
+
+/// out[i] = fma(x[i], w, out[i]). Fused like torch's `addcmul_`, which mergekit's linear uses, so
+/// results agree to the bit; compiled with FMA where the CPU has it (the fallback is exact too).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+fma", "x86_64+avx2+fma"))]
+pub fn fused_axpy(out: &mut [f32], x: &[f32], w: f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v.mul_add(w, *o);
+    }
+}

@@ -25,9 +25,17 @@ pub struct Threshold {
 
 impl Threshold {
     /// Keeps every element (k ≥ n).
-    pub const ALL: Threshold = Threshold { bits: 0, take_equal: u64::MAX, equal: 0 };
+    pub const ALL: Threshold = Threshold {
+        bits: 0,
+        take_equal: u64::MAX,
+        equal: 0,
+    };
     /// Keeps nothing (k = 0).
-    pub const NONE: Threshold = Threshold { bits: u32::MAX, take_equal: 0, equal: 0 };
+    pub const NONE: Threshold = Threshold {
+        bits: u32::MAX,
+        take_equal: 0,
+        equal: 0,
+    };
 
     pub fn needs_tie_break(&self) -> bool {
         self.equal > self.take_equal
@@ -45,7 +53,12 @@ pub struct TopKSearch {
 
 impl TopKSearch {
     pub fn new(k: u64) -> Self {
-        TopKSearch { k, counts: vec![0; BUCKETS], high: None, above: 0 }
+        TopKSearch {
+            k,
+            counts: vec![0; BUCKETS],
+            high: None,
+            above: 0,
+        }
     }
 
     /// Feeds values to the current pass.
@@ -111,7 +124,9 @@ pub fn threshold_of(values: &[f32], k: u64) -> Threshold {
     search.observe(values.iter().copied());
     search.finish_pass();
     search.observe(values.iter().copied());
-    search.finish_pass().expect("second pass yields a threshold")
+    search
+        .finish_pass()
+        .expect("second pass yields a threshold")
 }
 
 #[cfg(test)]
@@ -148,7 +163,9 @@ mod tests {
 
     #[test]
     fn matches_a_stable_sort_including_ties() {
-        let mut values: Vec<f32> = (0..5000).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 64.0).collect();
+        let mut values: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 64.0)
+            .collect();
         values[17] = f32::MIN_POSITIVE;
         values[18] = -0.0;
         for k in [1usize, 2, 10, 999, 1000, 2500, 4999] {

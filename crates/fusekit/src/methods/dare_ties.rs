@@ -28,7 +28,13 @@ impl Method for DareTies {
     }
 
     fn merger(&self, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>> {
-        gta::merger(Variant { sparsify: Sparsify::Random, consensus: true }, ctx)
+        gta::merger(
+            Variant {
+                sparsify: Sparsify::Random,
+                consensus: true,
+            },
+            ctx,
+        )
     }
 }
 
@@ -41,10 +47,34 @@ mod tests {
     fn keeps_density_and_signs_agree() {
         let n = 50_000;
         let base = data(n, 1, 1.0);
-        let a: Vec<f32> = base.iter().zip(data(n, 2, 0.01)).map(|(b, d)| b + d).collect();
-        let b: Vec<f32> = base.iter().zip(data(n, 3, 0.01)).map(|(b, d)| b + d).collect();
-        let per = vec![vec![], vec![("weight", Scalar::Number(1.0)), ("density", Scalar::Number(0.3))], vec![("weight", Scalar::Number(1.0)), ("density", Scalar::Number(0.3))]];
-        let out = run(&DareTies, &[base.clone(), a.clone(), b.clone()], Some(0), params(&[("rescale", Scalar::Bool(true))], per.clone()), 42);
+        let a: Vec<f32> = base
+            .iter()
+            .zip(data(n, 2, 0.01))
+            .map(|(b, d)| b + d)
+            .collect();
+        let b: Vec<f32> = base
+            .iter()
+            .zip(data(n, 3, 0.01))
+            .map(|(b, d)| b + d)
+            .collect();
+        let per = vec![
+            vec![],
+            vec![
+                ("weight", Scalar::Number(1.0)),
+                ("density", Scalar::Number(0.3)),
+            ],
+            vec![
+                ("weight", Scalar::Number(1.0)),
+                ("density", Scalar::Number(0.3)),
+            ],
+        ];
+        let out = run(
+            &DareTies,
+            &[base.clone(), a.clone(), b.clone()],
+            Some(0),
+            params(&[("rescale", Scalar::Bool(true))], per.clone()),
+            42,
+        );
         let changed = out.iter().zip(&base).filter(|(o, b)| o != b).count() as f64 / n as f64;
         // An element changes if either model keeps it: 1 − 0.7² = 0.51.
         assert!((changed - 0.51).abs() < 0.01, "{changed}");
@@ -56,9 +86,21 @@ mod tests {
                 assert!(d.signum() == da.signum() || d.signum() == db.signum());
             }
         }
-        let again = run(&DareTies, &[base.clone(), a.clone(), b.clone()], Some(0), params(&[("rescale", Scalar::Bool(true))], per.clone()), 42);
+        let again = run(
+            &DareTies,
+            &[base.clone(), a.clone(), b.clone()],
+            Some(0),
+            params(&[("rescale", Scalar::Bool(true))], per.clone()),
+            42,
+        );
         assert_eq!(out, again, "the same seed gives the same bits");
-        let other = run(&DareTies, &[base, a, b], Some(0), params(&[("rescale", Scalar::Bool(true))], per), 43);
+        let other = run(
+            &DareTies,
+            &[base, a, b],
+            Some(0),
+            params(&[("rescale", Scalar::Bool(true))], per),
+            43,
+        );
         assert_ne!(out, other);
     }
 }

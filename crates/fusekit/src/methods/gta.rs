@@ -40,12 +40,48 @@ pub struct Variant {
 macro_rules! gta_params {
     ($normalize:expr, $rescale:expr) => {
         &[
-            ParamSpec { name: "weight", scope: Scope::NonBase, ty: ParamType::Float, default: None, doc: "scale of each task vector" },
-            ParamSpec { name: "density", scope: Scope::NonBase, ty: ParamType::Float, default: Some(Default::Float(1.0)), doc: "fraction of each task vector kept" },
-            ParamSpec { name: "normalize", scope: Scope::Global, ty: ParamType::Bool, default: Some(Default::Bool($normalize)), doc: "divide by the sum of the (kept) weights" },
-            ParamSpec { name: "rescale", scope: Scope::Global, ty: ParamType::Bool, default: Some(Default::Bool($rescale)), doc: "restore each sparsified task vector's L1 norm" },
-            ParamSpec { name: "lambda", scope: Scope::Global, ty: ParamType::Float, default: Some(Default::Float(1.0)), doc: "scale of the merged task vector" },
-            ParamSpec { name: "int8_mask", scope: Scope::Global, ty: ParamType::Bool, default: Some(Default::Bool(false)), doc: "accepted for compatibility; masks are exact either way" },
+            ParamSpec {
+                name: "weight",
+                scope: Scope::NonBase,
+                ty: ParamType::Float,
+                default: None,
+                doc: "scale of each task vector",
+            },
+            ParamSpec {
+                name: "density",
+                scope: Scope::NonBase,
+                ty: ParamType::Float,
+                default: Some(Default::Float(1.0)),
+                doc: "fraction of each task vector kept",
+            },
+            ParamSpec {
+                name: "normalize",
+                scope: Scope::Global,
+                ty: ParamType::Bool,
+                default: Some(Default::Bool($normalize)),
+                doc: "divide by the sum of the (kept) weights",
+            },
+            ParamSpec {
+                name: "rescale",
+                scope: Scope::Global,
+                ty: ParamType::Bool,
+                default: Some(Default::Bool($rescale)),
+                doc: "restore each sparsified task vector's L1 norm",
+            },
+            ParamSpec {
+                name: "lambda",
+                scope: Scope::Global,
+                ty: ParamType::Float,
+                default: Some(Default::Float(1.0)),
+                doc: "scale of the merged task vector",
+            },
+            ParamSpec {
+                name: "int8_mask",
+                scope: Scope::Global,
+                ty: ParamType::Bool,
+                default: Some(Default::Bool(false)),
+                doc: "accepted for compatibility; masks are exact either way",
+            },
         ]
     };
 }
@@ -77,18 +113,31 @@ pub struct GtaMerger {
 }
 
 pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>> {
-    let base = ctx.base.ok_or_else(|| Error::tensor(ctx.name, "this method needs `base_model`"))?;
+    let base = ctx
+        .base
+        .ok_or_else(|| Error::tensor(ctx.name, "this method needs `base_model`"))?;
     let p = ctx.params;
     let mut models = Vec::new();
     for input in (0..ctx.n_inputs).filter(|&i| i != base) {
         let density = p.input_float(input, "density").unwrap_or(1.0);
         if density.is_nan() || density < 0.0 {
-            return Err(Error::tensor(ctx.name, format!("density {density} must be in [0, 1]")));
+            return Err(Error::tensor(
+                ctx.name,
+                format!("density {density} must be in [0, 1]"),
+            ));
         }
-        let k = if density >= 1.0 { ctx.numel as u64 } else if density <= 0.0 { 0 } else { ((density * ctx.numel as f64) as u64).max(1) };
+        let k = if density >= 1.0 {
+            ctx.numel as u64
+        } else if density <= 0.0 {
+            0
+        } else {
+            ((density * ctx.numel as f64) as u64).max(1)
+        };
         let (threshold, search) = match variant.sparsify {
             Sparsify::Magnitude if k == 0 => (Threshold::NONE, None),
-            Sparsify::Magnitude if k < ctx.numel as u64 => (Threshold::ALL, Some(TopKSearch::new(k))),
+            Sparsify::Magnitude if k < ctx.numel as u64 => {
+                (Threshold::ALL, Some(TopKSearch::new(k)))
+            }
             _ => (Threshold::ALL, None),
         };
         models.push(Model {
@@ -110,7 +159,11 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
         normalize: p.flag("normalize").unwrap_or(false),
         lambda: p.float("lambda").unwrap_or(1.0) as f32,
         rescale: p.flag("rescale").unwrap_or(false),
-        plain_divisor: if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum },
+        plain_divisor: if weight_sum.abs() < 1e-8 {
+            1.0
+        } else {
+            weight_sum
+        },
         models,
         round: ctx.round,
     }))
@@ -134,7 +187,16 @@ impl GtaMerger {
 
     /// Sparsified task vector of `model` over one block, times `scale` then `weight`.
     #[allow(clippy::too_many_arguments)]
-    fn sparse_delta(&self, m: &Model, start: usize, x: &[f32], base: &[f32], scale: f32, weight: f32, out: &mut [f32]) {
+    fn sparse_delta(
+        &self,
+        m: &Model,
+        start: usize,
+        x: &[f32],
+        base: &[f32],
+        scale: f32,
+        weight: f32,
+        out: &mut [f32],
+    ) {
         match self.variant.sparsify {
             Sparsify::None => {
                 for ((o, &v), &b) in out.iter_mut().zip(x).zip(base) {
@@ -166,7 +228,9 @@ impl TensorMerger for GtaMerger {
     fn wants_pass(&self, pass: usize) -> bool {
         match self.variant.sparsify {
             Sparsify::None => false,
-            Sparsify::Random => pass == 0 && self.rescaling() && self.models.iter().any(Model::random_keeps),
+            Sparsify::Random => {
+                pass == 0 && self.rescaling() && self.models.iter().any(Model::random_keeps)
+            }
             Sparsify::Magnitude => match pass {
                 0 | 1 => self.models.iter().any(|m| m.search.is_some()),
                 2 => self.models.iter().any(|m| m.threshold.needs_tie_break()),
@@ -183,7 +247,13 @@ impl TensorMerger for GtaMerger {
                 for m in self.models.iter_mut().filter(|m| m.random_keeps()) {
                     let x = inputs[m.input];
                     m.l1[0] += block_sum(x.len(), |j| (x[j] - base[j]).abs() as f64);
-                    m.l1[1] += block_sum(x.len(), |j| if m.keep_random(start + j) { (x[j] - base[j]).abs() as f64 } else { 0.0 });
+                    m.l1[1] += block_sum(x.len(), |j| {
+                        if m.keep_random(start + j) {
+                            (x[j] - base[j]).abs() as f64
+                        } else {
+                            0.0
+                        }
+                    });
                 }
             }
             (Sparsify::Magnitude, 0 | 1) => {
@@ -195,9 +265,17 @@ impl TensorMerger for GtaMerger {
                 }
             }
             (Sparsify::Magnitude, 2) => {
-                for m in self.models.iter_mut().filter(|m| m.threshold.needs_tie_break()) {
+                for m in self
+                    .models
+                    .iter_mut()
+                    .filter(|m| m.threshold.needs_tie_break())
+                {
                     let x = inputs[m.input];
-                    let equal = x.iter().zip(base).filter(|(v, b)| magnitude_bits(*v - *b) == m.threshold.bits).count();
+                    let equal = x
+                        .iter()
+                        .zip(base)
+                        .filter(|(v, b)| magnitude_bits(*v - *b) == m.threshold.bits)
+                        .count();
                     let before = m.ties_before.last().copied().unwrap_or(0);
                     m.ties_before.push(before + equal as u64);
                 }
@@ -228,17 +306,21 @@ impl TensorMerger for GtaMerger {
                         }
                     }
                 }
-                (Sparsify::Magnitude, 2) => {
-                    // Entries were pushed after each block; shift so entry b counts ties before block b.
-                    if m.threshold.needs_tie_break() {
-                        m.ties_before.insert(0, 0);
-                    }
+                // Entries were pushed after each block; shift so entry b counts ties before block b.
+                (Sparsify::Magnitude, 2) if m.threshold.needs_tie_break() => {
+                    m.ties_before.insert(0, 0)
                 }
                 _ => {}
             }
-            if (sparsify == Sparsify::Random && pass == 0) || (sparsify == Sparsify::Magnitude && pass == 3) {
+            if (sparsify == Sparsify::Random && pass == 0)
+                || (sparsify == Sparsify::Magnitude && pass == 3)
+            {
                 let [before, after] = m.l1;
-                m.scale = if before < 1e-7 || after < 1e-7 { 1.0 } else { (before / after) as f32 };
+                m.scale = if before < 1e-7 || after < 1e-7 {
+                    1.0
+                } else {
+                    (before / after) as f32
+                };
             }
         }
         Ok(())

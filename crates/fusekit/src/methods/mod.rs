@@ -90,7 +90,10 @@ impl ResolvedParams {
     }
 
     pub fn input_float(&self, input: usize, name: &str) -> Option<f64> {
-        self.per_input.get(input)?.get(name).and_then(Scalar::as_f64)
+        self.per_input
+            .get(input)?
+            .get(name)
+            .and_then(Scalar::as_f64)
     }
 }
 
@@ -154,10 +157,26 @@ pub(crate) mod testing {
     use super::*;
     use crate::kernels::BLOCK;
 
-    pub fn run(method: &dyn Method, inputs: &[Vec<f32>], base: Option<usize>, params: ResolvedParams, seed: u64) -> Vec<f32> {
+    pub fn run(
+        method: &dyn Method,
+        inputs: &[Vec<f32>],
+        base: Option<usize>,
+        params: ResolvedParams,
+        seed: u64,
+    ) -> Vec<f32> {
         let numel = inputs[0].len();
-        let keys: Vec<u64> = (0..inputs.len()).map(|i| crate::rng::stream_key(seed, "t", i)).collect();
-        let ctx = TensorContext { name: "t", numel, n_inputs: inputs.len(), base, params: &params, rng_keys: &keys, round: |x| x };
+        let keys: Vec<u64> = (0..inputs.len())
+            .map(|i| crate::rng::stream_key(seed, "t", i))
+            .collect();
+        let ctx = TensorContext {
+            name: "t",
+            numel,
+            n_inputs: inputs.len(),
+            base,
+            params: &params,
+            rng_keys: &keys,
+            round: |x| x,
+        };
         let mut merger = method.merger(&ctx).unwrap();
         for pass in 0..MAX_PASSES {
             if !merger.wants_pass(pass) {
@@ -179,16 +198,24 @@ pub(crate) mod testing {
         out
     }
 
-    pub fn params(global: &[(&'static str, Scalar)], per_input: Vec<Vec<(&'static str, Scalar)>>) -> ResolvedParams {
+    pub fn params(
+        global: &[(&'static str, Scalar)],
+        per_input: Vec<Vec<(&'static str, Scalar)>>,
+    ) -> ResolvedParams {
         ResolvedParams {
             global: global.iter().cloned().collect(),
-            per_input: per_input.into_iter().map(|p| p.into_iter().collect()).collect(),
+            per_input: per_input
+                .into_iter()
+                .map(|p| p.into_iter().collect())
+                .collect(),
         }
     }
 
     /// Deterministic pseudo-random test data.
     pub fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         let key = crate::rng::stream_key(seed, "data", 0);
-        (0..n).map(|i| (crate::rng::uniform(key, i as u64) as f32 - 0.5) * 2.0 * scale).collect()
+        (0..n)
+            .map(|i| (crate::rng::uniform(key, i as u64) as f32 - 0.5) * 2.0 * scale)
+            .collect()
     }
 }

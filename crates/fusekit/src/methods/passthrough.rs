@@ -9,7 +9,13 @@ static SPEC: MethodSpec = MethodSpec {
     name: "passthrough",
     summary: "copy tensors (layer stacking with slices), optional scale",
     reference: "https://github.com/arcee-ai/mergekit",
-    params: &[ParamSpec { name: "scale", scope: Scope::PerInput, ty: ParamType::Float, default: Some(Default::Unset), doc: "multiplier of the copied tensor" }],
+    params: &[ParamSpec {
+        name: "scale",
+        scope: Scope::PerInput,
+        ty: ParamType::Float,
+        default: Some(Default::Unset),
+        doc: "multiplier of the copied tensor",
+    }],
     base: BasePolicy::Optional,
     min_inputs: 1,
     max_inputs: Some(1),
@@ -26,7 +32,9 @@ impl Method for Passthrough {
     }
 
     fn merger(&self, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>> {
-        Ok(Box::new(PassthroughMerger { scale: ctx.params.input_float(0, "scale").map(|s| s as f32) }))
+        Ok(Box::new(PassthroughMerger {
+            scale: ctx.params.input_float(0, "scale").map(|s| s as f32),
+        }))
     }
 }
 
@@ -47,8 +55,23 @@ mod tests {
     #[test]
     fn copies_and_scales() {
         let x = data(5000, 1, 1.0);
-        assert_eq!(run(&Passthrough, &[x.clone()], None, params(&[], vec![vec![]]), 0), x);
-        let scaled = run(&Passthrough, &[x.clone()], None, params(&[], vec![vec![("scale", Scalar::Number(0.0))]]), 0);
+        assert_eq!(
+            run(
+                &Passthrough,
+                std::slice::from_ref(&x),
+                None,
+                params(&[], vec![vec![]]),
+                0
+            ),
+            x
+        );
+        let scaled = run(
+            &Passthrough,
+            std::slice::from_ref(&x),
+            None,
+            params(&[], vec![vec![("scale", Scalar::Number(0.0))]]),
+            0,
+        );
         assert!(scaled.iter().all(|v| *v == 0.0));
     }
 }

@@ -16,7 +16,13 @@ static SPEC: MethodSpec = MethodSpec {
     name: "slerp",
     summary: "spherical interpolation between the base and one model",
     reference: "https://en.wikipedia.org/wiki/Slerp",
-    params: &[ParamSpec { name: "t", scope: Scope::Global, ty: ParamType::Float, default: None, doc: "interpolation factor; 0 is the base" }],
+    params: &[ParamSpec {
+        name: "t",
+        scope: Scope::Global,
+        ty: ParamType::Float,
+        default: None,
+        doc: "interpolation factor; 0 is the base",
+    }],
     base: BasePolicy::Required,
     min_inputs: 2,
     max_inputs: Some(2),
@@ -40,9 +46,19 @@ impl Method for Slerp {
     }
 
     fn merger(&self, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>> {
-        let base = ctx.base.ok_or_else(|| Error::tensor(ctx.name, "slerp needs `base_model`"))?;
-        let t = ctx.params.float("t").ok_or_else(|| Error::tensor(ctx.name, "slerp needs `t`"))?;
-        Ok(Box::new(SlerpMerger { base, t, sums: [0.0; 3], coefficients: [0.0; 2] }))
+        let base = ctx
+            .base
+            .ok_or_else(|| Error::tensor(ctx.name, "slerp needs `base_model`"))?;
+        let t = ctx
+            .params
+            .float("t")
+            .ok_or_else(|| Error::tensor(ctx.name, "slerp needs `t`"))?;
+        Ok(Box::new(SlerpMerger {
+            base,
+            t,
+            sums: [0.0; 3],
+            coefficients: [0.0; 2],
+        }))
     }
 }
 
@@ -97,13 +113,25 @@ mod tests {
         let a = data(10_000, 1, 1.0);
         let b = data(10_000, 2, 1.0);
         for t in [0.0, 0.3, 1.0] {
-            let out = run(&Slerp, &[a.clone(), b.clone()], Some(0), params(&[("t", Scalar::Number(t))], vec![vec![], vec![]]), 0);
+            let out = run(
+                &Slerp,
+                &[a.clone(), b.clone()],
+                Some(0),
+                params(&[("t", Scalar::Number(t))], vec![vec![], vec![]]),
+                0,
+            );
             let na = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
             let nb = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-            let dot = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>() / (na * nb);
+            let dot = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| *x as f64 * *y as f64)
+                .sum::<f64>()
+                / (na * nb);
             let theta = dot.acos();
             for i in (0..10_000).step_by(97) {
-                let e = ((1.0 - t) * theta).sin() / theta.sin() * a[i] as f64 + (t * theta).sin() / theta.sin() * b[i] as f64;
+                let e = ((1.0 - t) * theta).sin() / theta.sin() * a[i] as f64
+                    + (t * theta).sin() / theta.sin() * b[i] as f64;
                 assert!((out[i] as f64 - e).abs() < 1e-5, "t={t} i={i}");
             }
         }
@@ -113,14 +141,28 @@ mod tests {
     fn nearly_parallel_falls_back_to_lerp_and_base_order_matters() {
         let a = data(5000, 1, 1.0);
         let b: Vec<f32> = a.iter().map(|x| x * 2.0).collect();
-        let out = run(&Slerp, &[a.clone(), b.clone()], Some(0), params(&[("t", Scalar::Number(0.25))], vec![vec![], vec![]]), 0);
+        let out = run(
+            &Slerp,
+            &[a.clone(), b.clone()],
+            Some(0),
+            params(&[("t", Scalar::Number(0.25))], vec![vec![], vec![]]),
+            0,
+        );
         for i in 0..5000 {
             assert!((out[i] - (0.75 * a[i] + 0.25 * b[i])).abs() < 1e-6);
         }
         // Base second: t = 0 still returns the base.
-        let out = run(&Slerp, &[b.clone(), a.clone()], Some(1), params(&[("t", Scalar::Number(0.0))], vec![vec![], vec![]]), 0);
+        let out = run(
+            &Slerp,
+            &[b.clone(), a.clone()],
+            Some(1),
+            params(&[("t", Scalar::Number(0.0))], vec![vec![], vec![]]),
+            0,
+        );
         assert_eq!(out, a);
         // Zero tensors do not divide by zero.
-        assert!(coefficients(0.5, 0.0, 0.0, 0.0).iter().all(|c| c.is_finite()));
+        assert!(coefficients(0.5, 0.0, 0.0, 0.0)
+            .iter()
+            .all(|c| c.is_finite()));
     }
 }

@@ -29,7 +29,13 @@ impl Method for Ties {
     }
 
     fn merger(&self, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>> {
-        gta::merger(Variant { sparsify: Sparsify::Magnitude, consensus: true }, ctx)
+        gta::merger(
+            Variant {
+                sparsify: Sparsify::Magnitude,
+                consensus: true,
+            },
+            ctx,
+        )
     }
 }
 
@@ -58,7 +64,11 @@ mod tests {
         (0..n)
             .map(|i| {
                 let d: Vec<f32> = trimmed.iter().zip(weights).map(|(t, w)| t[i] * w).collect();
-                let sign = if d.iter().sum::<f32>() >= 0.0 { 1.0 } else { -1.0 };
+                let sign = if d.iter().sum::<f32>() >= 0.0 {
+                    1.0
+                } else {
+                    -1.0
+                };
                 let (mut num, mut den) = (0f32, 0f32);
                 for (x, w) in d.iter().zip(weights) {
                     if *x != 0.0 && x.signum() == sign {
@@ -77,18 +87,39 @@ mod tests {
         let base = data(n, 1, 1.0);
         // Quantised deltas create many equal magnitudes, so tie breaking is exercised.
         let fts: Vec<Vec<f32>> = (2..5)
-            .map(|s| base.iter().zip(data(n, s, 8.0)).map(|(b, d)| b + d.round() / 256.0).collect())
+            .map(|s| {
+                base.iter()
+                    .zip(data(n, s, 8.0))
+                    .map(|(b, d)| b + d.round() / 256.0)
+                    .collect()
+            })
             .collect();
         let weights = [1.0f32, 0.5, 0.8];
         let mut inputs = vec![base.clone()];
         inputs.extend(fts.iter().cloned());
         for density in [0.2, 0.5, 1.0] {
             let mut per = vec![vec![]];
-            per.extend(weights.iter().map(|&w| vec![("weight", Scalar::Number(w as f64)), ("density", Scalar::Number(density))]));
-            let out = run(&Ties, &inputs, Some(0), params(&[("normalize", Scalar::Bool(true))], per), 0);
+            per.extend(weights.iter().map(|&w| {
+                vec![
+                    ("weight", Scalar::Number(w as f64)),
+                    ("density", Scalar::Number(density)),
+                ]
+            }));
+            let out = run(
+                &Ties,
+                &inputs,
+                Some(0),
+                params(&[("normalize", Scalar::Bool(true))], per),
+                0,
+            );
             let expected = reference(&base, &fts, &weights, density);
             for i in 0..n {
-                assert!((out[i] - expected[i]).abs() <= 1e-6, "density {density} i {i}: {} vs {}", out[i], expected[i]);
+                assert!(
+                    (out[i] - expected[i]).abs() <= 1e-6,
+                    "density {density} i {i}: {} vs {}",
+                    out[i],
+                    expected[i]
+                );
             }
         }
     }

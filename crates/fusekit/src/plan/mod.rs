@@ -26,7 +26,10 @@ pub struct PlanOptions {
 
 impl std::default::Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { max_shard_size: 5_000_000_000, seed: 0 }
+        PlanOptions {
+            max_shard_size: 5_000_000_000,
+            seed: 0,
+        }
     }
 }
 
@@ -129,7 +132,11 @@ struct Models {
 
 impl Models {
     fn open(&mut self, reference: &Spanned<String>, key: &str) -> Result<usize> {
-        if let Some(i) = self.list.iter().position(|m| m.reference == reference.value) {
+        if let Some(i) = self
+            .list
+            .iter()
+            .position(|m| m.reference == reference.value)
+        {
             return Ok(i);
         }
         let model = Checkpoint::open(&reference.value).map_err(|e| match e {
@@ -142,9 +149,14 @@ impl Models {
 
     fn layer_count(&self, model: usize) -> usize {
         let m = &self.list[model];
-        arch::layer_count_key(&m.config).map(|(_, n)| n).unwrap_or_else(|| {
-            m.tensor_names().filter_map(|n| arch::split_layer(n).map(|(_, i, _)| i + 1)).max().unwrap_or(0)
-        })
+        arch::layer_count_key(&m.config)
+            .map(|(_, n)| n)
+            .unwrap_or_else(|| {
+                m.tensor_names()
+                    .filter_map(|n| arch::split_layer(n).map(|(_, i, _)| i + 1))
+                    .max()
+                    .unwrap_or(0)
+            })
     }
 }
 
@@ -152,15 +164,31 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
     let c = &loaded.config;
     let method = methods::lookup(&c.merge_method.value).ok_or_else(|| {
         let names: Vec<&str> = methods::all().iter().map(|m| m.spec().name).collect();
-        error_at(&c.merge_method, "merge_method", format!("unknown method `{}` (available: {})", c.merge_method.value, names.join(", ")))
+        error_at(
+            &c.merge_method,
+            "merge_method",
+            format!(
+                "unknown method `{}` (available: {})",
+                c.merge_method.value,
+                names.join(", ")
+            ),
+        )
     })?;
     let spec = method.spec();
-    let dtype_of = |d: &Option<Spanned<String>>, key| d.as_ref().map(|s| Dtype::from_config(&s.value).map_err(|e| error_at(s, key, e))).transpose();
+    let dtype_of = |d: &Option<Spanned<String>>, key| {
+        d.as_ref()
+            .map(|s| Dtype::from_config(&s.value).map_err(|e| error_at(s, key, e)))
+            .transpose()
+    };
     let compute_dtype = dtype_of(&c.dtype, "dtype")?;
     let out_dtype = dtype_of(&c.out_dtype, "out_dtype")?;
 
     let mut models = Models { list: Vec::new() };
-    let base = c.base_model.as_ref().map(|b| models.open(b, "base_model")).transpose()?;
+    let base = c
+        .base_model
+        .as_ref()
+        .map(|b| models.open(b, "base_model"))
+        .transpose()?;
     let top = ParamScope::parse(c.parameters.as_ref(), spec)?;
     let slices = build_slices(loaded, &mut models, base, spec)?;
 
@@ -175,7 +203,10 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
                 Some(max) => format!("{}–{max}", spec.min_inputs),
                 None => format!("at least {}", spec.min_inputs),
             };
-            return Err(Error::config(format!("`{}` takes {want} input models, slice {i} has {n}", spec.name)));
+            return Err(Error::config(format!(
+                "`{}` takes {want} input models, slice {i} has {n}",
+                spec.name
+            )));
         }
     }
 
@@ -184,29 +215,77 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
     let first = &slices[0];
     let last = slices.last().expect("validated non-empty");
     for name in names_at(&models.list[first.sources[0].model], Position::Pre) {
-        tensors.push(plan_tensor(&models, method, first, &top, &name, &name, None, 0.0, compute_dtype, out_dtype, options.seed)?);
+        tensors.push(plan_tensor(
+            &models,
+            method,
+            first,
+            &top,
+            &name,
+            &name,
+            None,
+            0.0,
+            compute_dtype,
+            out_dtype,
+            options.seed,
+        )?);
     }
     for slice in &slices {
         let n = slice.sources[0].end - slice.sources[0].start;
         for offset in 0..n {
-            let t = if n > 1 { offset as f64 / (n - 1) as f64 } else { 1.0 };
+            let t = if n > 1 {
+                offset as f64 / (n - 1) as f64
+            } else {
+                1.0
+            };
             let reference = &models.list[slice.sources[0].model];
             for name in names_at(reference, Position::Layer(slice.sources[0].start + offset)) {
                 let out_name = arch::with_layer(&name, layers_out);
-                tensors.push(plan_tensor(&models, method, slice, &top, &out_name, &name, Some(offset), t, compute_dtype, out_dtype, options.seed)?);
+                tensors.push(plan_tensor(
+                    &models,
+                    method,
+                    slice,
+                    &top,
+                    &out_name,
+                    &name,
+                    Some(offset),
+                    t,
+                    compute_dtype,
+                    out_dtype,
+                    options.seed,
+                )?);
             }
             layers_out += 1;
         }
     }
     for name in names_at(&models.list[last.sources[0].model], Position::Post) {
-        tensors.push(plan_tensor(&models, method, last, &top, &name, &name, None, 0.0, compute_dtype, out_dtype, options.seed)?);
+        tensors.push(plan_tensor(
+            &models,
+            method,
+            last,
+            &top,
+            &name,
+            &name,
+            None,
+            0.0,
+            compute_dtype,
+            out_dtype,
+            options.seed,
+        )?);
     }
 
     let shards = assign_shards(&mut tensors, options.max_shard_size);
     let tokenizer_donor = tokenizer_donor(loaded, &mut models, base, first)?;
     let donor_config = base.unwrap_or(first.sources[0].model);
-    let output_config = output_config(&models.list[donor_config].config, out_dtype.or(compute_dtype), layers_out);
-    let chat_template = c.chat_template.as_ref().map(|t| chat_template(t, &models.list)).transpose()?;
+    let output_config = output_config(
+        &models.list[donor_config].config,
+        out_dtype.or(compute_dtype),
+        layers_out,
+    );
+    let chat_template = c
+        .chat_template
+        .as_ref()
+        .map(|t| chat_template(t, &models.list))
+        .transpose()?;
     Ok(Plan {
         method,
         models: models.list,
@@ -222,7 +301,12 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
     })
 }
 
-fn build_slices(loaded: &LoadedConfig, models: &mut Models, base: Option<usize>, spec: &'static methods::MethodSpec) -> Result<Vec<Slice>> {
+fn build_slices(
+    loaded: &LoadedConfig,
+    models: &mut Models,
+    base: Option<usize>,
+    spec: &'static methods::MethodSpec,
+) -> Result<Vec<Slice>> {
     let c = &loaded.config;
     let uses_base = spec.base != BasePolicy::Unused;
     if let Some(list) = &c.models {
@@ -230,19 +314,39 @@ fn build_slices(loaded: &LoadedConfig, models: &mut Models, base: Option<usize>,
         for m in list {
             let model = models.open(&m.model, "model")?;
             let end = models.layer_count(model);
-            sources.push(Source { model, start: 0, end, params: ParamScope::parse(m.parameters.as_ref(), spec)? });
+            sources.push(Source {
+                model,
+                start: 0,
+                end,
+                params: ParamScope::parse(m.parameters.as_ref(), spec)?,
+            });
         }
         if let Some(b) = base.filter(|&b| uses_base && !sources.iter().any(|s| s.model == b)) {
             // As mergekit: a base that is not among `models` joins as an input.
-            sources.push(Source { model: b, start: 0, end: models.layer_count(b), params: ParamScope::default() });
+            sources.push(Source {
+                model: b,
+                start: 0,
+                end: models.layer_count(b),
+                params: ParamScope::default(),
+            });
         }
         let counts: Vec<usize> = sources.iter().map(|s| s.end).collect();
         if counts.iter().any(|&n| n != counts[0]) {
-            let described: Vec<String> = sources.iter().map(|s| format!("{} has {}", models.list[s.model].reference, s.end)).collect();
-            return Err(Error::config(format!("models have different layer counts ({}); use `slices` to pick layers", described.join(", "))));
+            let described: Vec<String> = sources
+                .iter()
+                .map(|s| format!("{} has {}", models.list[s.model].reference, s.end))
+                .collect();
+            return Err(Error::config(format!(
+                "models have different layer counts ({}); use `slices` to pick layers",
+                described.join(", ")
+            )));
         }
         let base = base.filter(|_| uses_base);
-        return Ok(vec![Slice { sources, params: ParamScope::default(), base }]);
+        return Ok(vec![Slice {
+            sources,
+            params: ParamScope::default(),
+            base,
+        }]);
     }
     let mut slices = Vec::new();
     for (i, s) in c.slices.iter().flatten().enumerate() {
@@ -256,27 +360,55 @@ fn build_slices(loaded: &LoadedConfig, models: &mut Models, base: Option<usize>,
             let [start, end] = src.layer_range.value;
             let available = models.layer_count(model);
             if end > available {
-                return Err(error_at(&src.layer_range, "layer_range", format!("[{start}, {end}] exceeds the {available} layers of `{}`", src.model.value)));
+                return Err(error_at(
+                    &src.layer_range,
+                    "layer_range",
+                    format!(
+                        "[{start}, {end}] exceeds the {available} layers of `{}`",
+                        src.model.value
+                    ),
+                ));
             }
-            sources.push(Source { model, start, end, params: ParamScope::parse(src.parameters.as_ref(), spec)? });
+            sources.push(Source {
+                model,
+                start,
+                end,
+                params: ParamScope::parse(src.parameters.as_ref(), spec)?,
+            });
         }
-        if sources.iter().any(|s| s.end - s.start != sources[0].end - sources[0].start) {
-            return Err(Error::config(format!("slice {i}: all sources must have the same number of layers")));
+        if sources
+            .iter()
+            .any(|s| s.end - s.start != sources[0].end - sources[0].start)
+        {
+            return Err(Error::config(format!(
+                "slice {i}: all sources must have the same number of layers"
+            )));
         }
         let slice_base = slice_base.filter(|_| uses_base);
         if let Some(b) = slice_base {
             if spec.base == BasePolicy::Required && !sources.iter().any(|s| s.model == b) {
-                return Err(Error::config(format!("slice {i}: base_model `{}` is not among its sources", models.list[b].reference)));
+                return Err(Error::config(format!(
+                    "slice {i}: base_model `{}` is not among its sources",
+                    models.list[b].reference
+                )));
             }
         }
-        slices.push(Slice { sources, params: ParamScope::parse(s.parameters.as_ref(), spec)?, base: slice_base });
+        slices.push(Slice {
+            sources,
+            params: ParamScope::parse(s.parameters.as_ref(), spec)?,
+            base: slice_base,
+        });
     }
     Ok(slices)
 }
 
 /// Tensor names of `model` at one position, in the model's own (sorted) order.
 fn names_at(model: &Checkpoint, position: Position) -> Vec<String> {
-    model.tensor_names().filter(|n| arch::position(n) == position).map(str::to_string).collect()
+    model
+        .tensor_names()
+        .filter(|n| arch::position(n) == position)
+        .map(str::to_string)
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -298,42 +430,109 @@ fn plan_tensor(
         Some(offset) => arch::with_layer(reference_name, s.start + offset),
         None => reference_name.to_string(),
     };
-    let reference = models.list[slice.sources[0].model].source(reference_name).expect("name listed by this model");
+    let reference = models.list[slice.sources[0].model]
+        .source(reference_name)
+        .expect("name listed by this model");
     if !reference.dtype.is_mergeable_float() {
         // Integer and bool tensors (e.g. position_ids) come from the base, else the first source.
-        let donor = slice.base.and_then(|b| models.list[b].source(reference_name)).unwrap_or(reference);
-        return Ok(TensorTask { name: out_name.to_string(), shape: donor.shape.clone(), dtype: donor.dtype, shard: 0, offset: 0, work: Work::Copy(donor) });
+        let donor = slice
+            .base
+            .and_then(|b| models.list[b].source(reference_name))
+            .unwrap_or(reference);
+        return Ok(TensorTask {
+            name: out_name.to_string(),
+            shape: donor.shape.clone(),
+            dtype: donor.dtype,
+            shard: 0,
+            offset: 0,
+            work: Work::Copy(donor),
+        });
     }
     let mut inputs = Vec::new();
     for s in &slice.sources {
         let model = &models.list[s.model];
         let name = input_name(s);
-        let source = model.source(&name).ok_or_else(|| Error::tensor(&name, format!("missing from model `{}` (needed for output `{out_name}`)", model.reference)))?;
+        let source = model.source(&name).ok_or_else(|| {
+            Error::tensor(
+                &name,
+                format!(
+                    "missing from model `{}` (needed for output `{out_name}`)",
+                    model.reference
+                ),
+            )
+        })?;
         if source.shape != reference.shape {
-            return Err(Error::tensor(&name, format!("shape {:?} in model `{}` differs from {:?} in `{}`", source.shape, model.reference, reference.shape, models.list[slice.sources[0].model].reference)));
+            return Err(Error::tensor(
+                &name,
+                format!(
+                    "shape {:?} in model `{}` differs from {:?} in `{}`",
+                    source.shape,
+                    model.reference,
+                    reference.shape,
+                    models.list[slice.sources[0].model].reference
+                ),
+            ));
         }
         if !source.dtype.is_mergeable_float() {
-            return Err(Error::tensor(&name, format!("unsupported dtype {} in model `{}` (F32, F16 and BF16 can be merged)", source.dtype.safetensors_name(), model.reference)));
+            return Err(Error::tensor(
+                &name,
+                format!(
+                    "unsupported dtype {} in model `{}` (F32, F16 and BF16 can be merged)",
+                    source.dtype.safetensors_name(),
+                    model.reference
+                ),
+            ));
         }
-        inputs.push(MergeInput { model: s.model, tensor: name, source });
+        inputs.push(MergeInput {
+            model: s.model,
+            tensor: name,
+            source,
+        });
     }
-    let base = slice.base.and_then(|b| slice.sources.iter().position(|s| s.model == b));
+    let base = slice
+        .base
+        .and_then(|b| slice.sources.iter().position(|s| s.model == b));
     let input_params: Vec<InputParams> = slice
         .sources
         .iter()
         .zip(&inputs)
-        .map(|(s, i)| InputParams { model: &models.list[s.model].reference, tensor: &i.tensor, is_base: Some(s.model) == slice.base, source: &s.params })
+        .map(|(s, i)| InputParams {
+            model: &models.list[s.model].reference,
+            tensor: &i.tensor,
+            is_base: Some(s.model) == slice.base,
+            source: &s.params,
+        })
         .collect();
     let params = params::resolve(spec, out_name, t, &[&slice.params, top], &input_params)?;
-    let dtype = out_dtype.or(compute_dtype).unwrap_or_else(|| promoted(inputs.iter().map(|i| i.source.dtype)));
-    let plain_copy = spec.name == "passthrough" && params.per_input[0].is_empty() && dtype == inputs[0].source.dtype && compute_dtype.is_none_or(|c| c == dtype);
+    let dtype = out_dtype
+        .or(compute_dtype)
+        .unwrap_or_else(|| promoted(inputs.iter().map(|i| i.source.dtype)));
+    let plain_copy = spec.name == "passthrough"
+        && params.per_input[0].is_empty()
+        && dtype == inputs[0].source.dtype
+        && compute_dtype.is_none_or(|c| c == dtype);
     let work = if plain_copy {
         Work::Copy(inputs.swap_remove(0).source)
     } else {
-        let rng_keys = inputs.iter().map(|i| crate::rng::stream_key(seed, out_name, i.model)).collect();
-        Work::Merge(MergeTask { inputs, base, params, rng_keys })
+        let rng_keys = inputs
+            .iter()
+            .map(|i| crate::rng::stream_key(seed, out_name, i.model))
+            .collect();
+        Work::Merge(MergeTask {
+            inputs,
+            base,
+            params,
+            rng_keys,
+        })
     };
-    Ok(TensorTask { name: out_name.to_string(), shape: reference.shape.clone(), dtype, shard: 0, offset: 0, work })
+    Ok(TensorTask {
+        name: out_name.to_string(),
+        shape: reference.shape.clone(),
+        dtype,
+        shard: 0,
+        offset: 0,
+        work,
+    })
 }
 
 /// torch's promotion among float dtypes: equal stays, otherwise f16 with bf16 or anything with
@@ -348,13 +547,29 @@ fn assign_shards(tensors: &mut [TensorTask], max_bytes: usize) -> Vec<Shard> {
     let sizes: Vec<usize> = tensors.iter().map(TensorTask::bytes).collect();
     let assignment = shards::assign(&sizes, max_bytes);
     let count = assignment.last().map_or(1, |s| s + 1);
-    let mut shards: Vec<Shard> = (0..count).map(|i| Shard { name: shards::shard_name(i, count), tensors: Vec::new(), data_bytes: 0 }).collect();
+    let mut shards: Vec<Shard> = (0..count)
+        .map(|i| Shard {
+            name: shards::shard_name(i, count),
+            tensors: Vec::new(),
+            data_bytes: 0,
+        })
+        .collect();
     for (i, &s) in assignment.iter().enumerate() {
         tensors[i].shard = s;
         shards[s].tensors.push(i);
     }
     for shard in &mut shards {
-        let entries: Vec<(&str, Dtype, usize)> = shard.tensors.iter().map(|&i| (tensors[i].name.as_str(), tensors[i].dtype, tensors[i].bytes())).collect();
+        let entries: Vec<(&str, Dtype, usize)> = shard
+            .tensors
+            .iter()
+            .map(|&i| {
+                (
+                    tensors[i].name.as_str(),
+                    tensors[i].dtype,
+                    tensors[i].bytes(),
+                )
+            })
+            .collect();
         let offsets = shards::layout(&entries);
         shard.data_bytes = entries.iter().map(|e| e.2).sum();
         for (&i, offset) in shard.tensors.iter().zip(offsets) {
@@ -364,17 +579,32 @@ fn assign_shards(tensors: &mut [TensorTask], max_bytes: usize) -> Vec<Shard> {
     shards
 }
 
-fn tokenizer_donor(loaded: &LoadedConfig, models: &mut Models, base: Option<usize>, first: &Slice) -> Result<usize> {
+fn tokenizer_donor(
+    loaded: &LoadedConfig,
+    models: &mut Models,
+    base: Option<usize>,
+    first: &Slice,
+) -> Result<usize> {
     let fallback = base.unwrap_or(first.sources[0].model);
     match &loaded.config.tokenizer_source {
         None => Ok(fallback),
-        Some(s) if s.value == "base" => base.ok_or_else(|| error_at(s, "tokenizer_source", "`base` needs `base_model`")),
-        Some(s) if s.value == "union" => Err(error_at(s, "tokenizer_source", "`union` (vocabulary merge) is not supported yet; use `base` or a model")),
+        Some(s) if s.value == "base" => {
+            base.ok_or_else(|| error_at(s, "tokenizer_source", "`base` needs `base_model`"))
+        }
+        Some(s) if s.value == "union" => Err(error_at(
+            s,
+            "tokenizer_source",
+            "`union` (vocabulary merge) is not supported yet; use `base` or a model",
+        )),
         Some(s) => models.open(s, "tokenizer_source"),
     }
 }
 
-fn output_config(donor: &serde_json::Value, dtype: Option<Dtype>, layers: usize) -> serde_json::Value {
+fn output_config(
+    donor: &serde_json::Value,
+    dtype: Option<Dtype>,
+    layers: usize,
+) -> serde_json::Value {
     let mut config = donor.clone();
     if let Some(obj) = config.as_object_mut() {
         if let Some(d) = dtype {
@@ -402,15 +632,33 @@ fn chat_template(value: &Spanned<String>, models: &[Checkpoint]) -> Result<Strin
         "auto" => {
             let mut templates: Vec<String> = models
                 .iter()
-                .filter_map(|m| crate::checkpoint::read_json(&m.dir.join("tokenizer_config.json")).ok())
-                .filter_map(|t| t.get("chat_template").and_then(|c| c.as_str()).map(str::to_string))
+                .filter_map(|m| {
+                    crate::checkpoint::read_json(&m.dir.join("tokenizer_config.json")).ok()
+                })
+                .filter_map(|t| {
+                    t.get("chat_template")
+                        .and_then(|c| c.as_str())
+                        .map(str::to_string)
+                })
                 .collect();
             templates.sort();
-            let best = templates.iter().max_by_key(|t| templates.iter().filter(|u| u == t).count());
-            best.cloned().ok_or_else(|| error_at(value, "chat_template", "`auto`: no input model has a chat template"))
+            let best = templates
+                .iter()
+                .max_by_key(|t| templates.iter().filter(|u| u == t).count());
+            best.cloned().ok_or_else(|| {
+                error_at(
+                    value,
+                    "chat_template",
+                    "`auto`: no input model has a chat template",
+                )
+            })
         }
         literal if literal.len() >= 20 && literal.contains('{') => Ok(literal.to_string()),
-        other => Err(error_at(value, "chat_template", format!("`{other}` is neither `auto`, `chatml` nor a Jinja template"))),
+        other => Err(error_at(
+            value,
+            "chat_template",
+            format!("`{other}` is neither `auto`, `chatml` nor a Jinja template"),
+        )),
     }
 }
 
@@ -421,20 +669,53 @@ impl fmt::Display for Plan {
             let role = if Some(i) == self.base { " (base)" } else { "" };
             writeln!(f, "model {i}: {}{role}  [{}]", m.reference, m.dir.display())?;
         }
-        writeln!(f, "tensors: {}  output bytes: {}  input bytes read: {}", self.tensors.len(), self.total_bytes(), self.input_bytes())?;
+        writeln!(
+            f,
+            "tensors: {}  output bytes: {}  input bytes read: {}",
+            self.tensors.len(),
+            self.total_bytes(),
+            self.input_bytes()
+        )?;
         for (s, shard) in self.shards.iter().enumerate() {
-            writeln!(f, "shard {s}: {} ({} tensors, {} bytes)", shard.name, shard.tensors.len(), shard.data_bytes)?;
+            writeln!(
+                f,
+                "shard {s}: {} ({} tensors, {} bytes)",
+                shard.name,
+                shard.tensors.len(),
+                shard.data_bytes
+            )?;
         }
         for t in &self.tensors {
             let what = match &t.work {
                 Work::Copy(src) => format!("copy {}", src.path.display()),
                 Work::Merge(m) => {
-                    let ins: Vec<String> = m.inputs.iter().map(|i| format!("{}:{}", i.model, i.tensor)).collect();
-                    let params: Vec<String> = m.params.global.iter().map(|(k, v)| format!("{k}={v}")).chain(m.params.per_input.iter().enumerate().flat_map(|(i, p)| p.iter().map(move |(k, v)| format!("{k}[{i}]={v}")))).collect();
-                    format!("{} ← {} {}", self.method.spec().name, ins.join(", "), params.join(" "))
+                    let ins: Vec<String> = m
+                        .inputs
+                        .iter()
+                        .map(|i| format!("{}:{}", i.model, i.tensor))
+                        .collect();
+                    let params: Vec<String> =
+                        m.params
+                            .global
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .chain(m.params.per_input.iter().enumerate().flat_map(|(i, p)| {
+                                p.iter().map(move |(k, v)| format!("{k}[{i}]={v}"))
+                            }))
+                            .collect();
+                    format!(
+                        "{} ← {} {}",
+                        self.method.spec().name,
+                        ins.join(", "),
+                        params.join(" ")
+                    )
                 }
             };
-            writeln!(f, "  {} {:?} {} @shard{}+{}  {what}", t.name, t.shape, t.dtype, t.shard, t.offset)?;
+            writeln!(
+                f,
+                "  {} {:?} {} @shard{}+{}  {what}",
+                t.name, t.shape, t.dtype, t.shard, t.offset
+            )?;
         }
         Ok(())
     }
@@ -442,6 +723,11 @@ impl fmt::Display for Plan {
 
 impl fmt::Debug for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Plan").field("method", &self.method.spec().name).field("models", &self.models.len()).field("tensors", &self.tensors.len()).field("shards", &self.shards.len()).finish()
+        f.debug_struct("Plan")
+            .field("method", &self.method.spec().name)
+            .field("models", &self.models.len())
+            .field("tensors", &self.tensors.len())
+            .field("shards", &self.shards.len())
+            .finish()
     }
 }

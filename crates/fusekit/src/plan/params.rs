@@ -20,9 +20,20 @@ impl ParamScope {
         for (key, spanned) in map.into_iter().flatten() {
             if !spec.params.iter().any(|p| p.name == key) {
                 let known: Vec<&str> = spec.params.iter().map(|p| p.name).collect();
-                return Err(error_at(spanned, key, format!("`{}` has no parameter `{key}` (it has: {})", spec.name, known.join(", "))));
+                return Err(error_at(
+                    spanned,
+                    key,
+                    format!(
+                        "`{}` has no parameter `{key}` (it has: {})",
+                        spec.name,
+                        known.join(", ")
+                    ),
+                ));
             }
-            values.insert(key.clone(), (ParamValue::parse(key, spanned)?, spanned.referenced.line()));
+            values.insert(
+                key.clone(),
+                (ParamValue::parse(key, spanned)?, spanned.referenced.line()),
+            );
         }
         Ok(ParamScope { values })
     }
@@ -37,7 +48,13 @@ pub struct InputParams<'a> {
     pub source: &'a ParamScope,
 }
 
-pub fn resolve(spec: &MethodSpec, output: &str, t: f64, scopes: &[&ParamScope], inputs: &[InputParams]) -> Result<ResolvedParams> {
+pub fn resolve(
+    spec: &MethodSpec,
+    output: &str,
+    t: f64,
+    scopes: &[&ParamScope],
+    inputs: &[InputParams],
+) -> Result<ResolvedParams> {
     let mut resolved = ResolvedParams::default();
     for p in spec.params.iter().filter(|p| p.scope == Scope::Global) {
         if let Some(v) = lookup(p, output, t, scopes.iter().copied(), output)? {
@@ -45,7 +62,10 @@ pub fn resolve(spec: &MethodSpec, output: &str, t: f64, scopes: &[&ParamScope], 
         } else if let Some(v) = default_value(p) {
             resolved.global.insert(p.name, v);
         } else {
-            return Err(Error::tensor(output, format!("`{}` needs parameter `{}`", spec.name, p.name)));
+            return Err(Error::tensor(
+                output,
+                format!("`{}` needs parameter `{}`", spec.name, p.name),
+            ));
         }
     }
     for input in inputs {
@@ -60,7 +80,13 @@ pub fn resolve(spec: &MethodSpec, output: &str, t: f64, scopes: &[&ParamScope], 
             } else if let Some(v) = default_value(p) {
                 map.insert(p.name, v);
             } else if p.default.is_none() {
-                return Err(Error::tensor(output, format!("model `{}` needs parameter `{}` for `{}`", input.model, p.name, spec.name)));
+                return Err(Error::tensor(
+                    output,
+                    format!(
+                        "model `{}` needs parameter `{}` for `{}`",
+                        input.model, p.name, spec.name
+                    ),
+                ));
             }
         }
         resolved.per_input.push(map);
@@ -68,7 +94,13 @@ pub fn resolve(spec: &MethodSpec, output: &str, t: f64, scopes: &[&ParamScope], 
     Ok(resolved)
 }
 
-fn lookup<'a>(p: &ParamSpec, tensor: &str, t: f64, chain: impl Iterator<Item = &'a ParamScope>, output: &str) -> Result<Option<Scalar>> {
+fn lookup<'a>(
+    p: &ParamSpec,
+    tensor: &str,
+    t: f64,
+    chain: impl Iterator<Item = &'a ParamScope>,
+    output: &str,
+) -> Result<Option<Scalar>> {
     for scope in chain {
         if let Some((value, line)) = scope.values.get(p.name) {
             if let Some(v) = value.evaluate(tensor, t) {
@@ -77,7 +109,15 @@ fn lookup<'a>(p: &ParamSpec, tensor: &str, t: f64, chain: impl Iterator<Item = &
                     ParamType::Bool => v.as_bool().is_some(),
                 };
                 if !ok {
-                    return Err(Error::config(format!("`{}` (line {line}): {v} is not a {} (tensor `{output}`)", p.name, if p.ty == ParamType::Float { "number" } else { "boolean" })));
+                    return Err(Error::config(format!(
+                        "`{}` (line {line}): {v} is not a {} (tensor `{output}`)",
+                        p.name,
+                        if p.ty == ParamType::Float {
+                            "number"
+                        } else {
+                            "boolean"
+                        }
+                    )));
                 }
                 return Ok(Some(v));
             }

@@ -32,7 +32,13 @@ pub fn assign(sizes: &[usize], max_bytes: usize) -> Vec<usize> {
 /// (larger dtypes first, then by name) so every tensor stays naturally aligned.
 pub fn layout(tensors: &[(&str, Dtype, usize)]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..tensors.len()).collect();
-    order.sort_by(|&a, &b| tensors[b].1.size().cmp(&tensors[a].1.size()).then(tensors[a].0.cmp(tensors[b].0)));
+    order.sort_by(|&a, &b| {
+        tensors[b]
+            .1
+            .size()
+            .cmp(&tensors[a].1.size())
+            .then(tensors[a].0.cmp(tensors[b].0))
+    });
     let mut offsets = vec![0; tensors.len()];
     let mut cursor = 0;
     for i in order {
@@ -55,7 +61,11 @@ mod tests {
 
     #[test]
     fn layout_aligns_wide_dtypes_first() {
-        let offsets = layout(&[("b", Dtype::BF16, 6), ("a", Dtype::F32, 8), ("c", Dtype::I64, 8)]);
+        let offsets = layout(&[
+            ("b", Dtype::BF16, 6),
+            ("a", Dtype::F32, 8),
+            ("c", Dtype::I64, 8),
+        ]);
         assert_eq!(offsets, vec![16, 8, 0]);
     }
 }

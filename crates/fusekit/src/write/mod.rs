@@ -35,16 +35,26 @@ pub struct WriteOptions {
 pub fn check_output(plan: &Plan, out: &Path, options: &WriteOptions) -> Result<()> {
     let target = absolute(out)?;
     for model in &plan.models {
-        let input = model.dir.canonicalize().map_err(|e| Error::io(&model.dir, e))?;
+        let input = model
+            .dir
+            .canonicalize()
+            .map_err(|e| Error::io(&model.dir, e))?;
         if target.starts_with(&input) || input.starts_with(&target) {
             return Err(Error::Output {
                 path: out.to_path_buf(),
-                message: format!("overlaps input model `{}` ({}); inputs are never written", model.reference, input.display()),
+                message: format!(
+                    "overlaps input model `{}` ({}); inputs are never written",
+                    model.reference,
+                    input.display()
+                ),
             });
         }
     }
     if out.exists() && !options.force {
-        return Err(Error::Output { path: out.to_path_buf(), message: "already exists (use --force to replace it)".into() });
+        return Err(Error::Output {
+            path: out.to_path_buf(),
+            message: "already exists (use --force to replace it)".into(),
+        });
     }
     Ok(())
 }
@@ -58,7 +68,9 @@ fn absolute(path: &Path) -> Result<PathBuf> {
         rest.push(existing.file_name().unwrap_or_default().to_owned());
         existing = existing.parent().unwrap_or(Path::new("/"));
     }
-    let mut resolved = existing.canonicalize().map_err(|e| Error::io(existing, e))?;
+    let mut resolved = existing
+        .canonicalize()
+        .map_err(|e| Error::io(existing, e))?;
     resolved.extend(rest.iter().rev());
     Ok(resolved)
 }
@@ -78,23 +90,52 @@ impl Drop for Staging {
 }
 
 fn sibling(out: &Path, tag: &str) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     out.with_file_name(format!(".{name}.fusekit-{tag}-{}", std::process::id()))
 }
 
 /// Executes the plan and writes the complete model to `out`.
-pub fn write(plan: &Plan, out: &Path, exec_options: &ExecOptions, options: &WriteOptions, progress: &dyn Progress) -> Result<()> {
+pub fn write(
+    plan: &Plan,
+    out: &Path,
+    exec_options: &ExecOptions,
+    options: &WriteOptions,
+    progress: &dyn Progress,
+) -> Result<()> {
     check_output(plan, out, options)?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    let mut staging = Staging { dir: sibling(out, "partial"), done: false };
+    let mut staging = Staging {
+        dir: sibling(out, "partial"),
+        done: false,
+    };
     let _ = std::fs::remove_dir_all(&staging.dir);
     std::fs::create_dir(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
 
-    let paths: Vec<PathBuf> = plan.shards.iter().map(|s| staging.dir.join(&s.name)).collect();
-    let files = plan.shards.iter().zip(&paths).map(|(s, p)| shard::create(plan, s, p)).collect::<Result<Vec<_>>>()?;
-    exec::run(plan, &exec::Output { files: &files, paths: &paths }, exec_options, progress)?;
+    let paths: Vec<PathBuf> = plan
+        .shards
+        .iter()
+        .map(|s| staging.dir.join(&s.name))
+        .collect();
+    let files = plan
+        .shards
+        .iter()
+        .zip(&paths)
+        .map(|(s, p)| shard::create(plan, s, p))
+        .collect::<Result<Vec<_>>>()?;
+    exec::run(
+        plan,
+        &exec::Output {
+            files: &files,
+            paths: &paths,
+        },
+        exec_options,
+        progress,
+    )?;
     for (f, p) in files.iter().zip(&paths) {
         f.file.sync_all().map_err(|e| Error::io(p, e))?;
     }
@@ -120,10 +161,20 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 
 fn write_small_files(plan: &Plan, dir: &Path) -> Result<()> {
     if plan.shards.len() > 1 {
-        let weight_map: serde_json::Map<String, serde_json::Value> = plan.tensors.iter().map(|t| (t.name.clone(), plan.shards[t.shard].name.clone().into())).collect();
-        write_json(&dir.join(INDEX_FILE), &serde_json::json!({"metadata": {"total_size": plan.total_bytes()}, "weight_map": weight_map}))?;
+        let weight_map: serde_json::Map<String, serde_json::Value> = plan
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), plan.shards[t.shard].name.clone().into()))
+            .collect();
+        write_json(
+            &dir.join(INDEX_FILE),
+            &serde_json::json!({"metadata": {"total_size": plan.total_bytes()}, "weight_map": weight_map}),
+        )?;
     }
-    write_json(&dir.join(crate::checkpoint::CONFIG_FILE), &plan.output_config)?;
+    write_json(
+        &dir.join(crate::checkpoint::CONFIG_FILE),
+        &plan.output_config,
+    )?;
     let donor = &plan.models[plan.tokenizer_donor].dir;
     for name in TOKENIZER_FILES {
         let from = donor.join(name);
@@ -133,18 +184,30 @@ fn write_small_files(plan: &Plan, dir: &Path) -> Result<()> {
     }
     if let Some(template) = &plan.chat_template {
         let path = dir.join("tokenizer_config.json");
-        let mut config = if path.is_file() { crate::checkpoint::read_json(&path)? } else { serde_json::json!({}) };
+        let mut config = if path.is_file() {
+            crate::checkpoint::read_json(&path)?
+        } else {
+            serde_json::json!({})
+        };
         config["chat_template"] = template.clone().into();
         write_json(&path, &config)?;
-        std::fs::write(dir.join("chat_template.jinja"), template).map_err(|e| Error::io(dir.join("chat_template.jinja"), e))?;
+        std::fs::write(dir.join("chat_template.jinja"), template)
+            .map_err(|e| Error::io(dir.join("chat_template.jinja"), e))?;
     }
-    std::fs::write(dir.join("mergekit_config.yml"), &plan.config_text).map_err(|e| Error::io(dir.join("mergekit_config.yml"), e))?;
-    std::fs::write(dir.join("README.md"), model_card(plan)).map_err(|e| Error::io(dir.join("README.md"), e))
+    std::fs::write(dir.join("mergekit_config.yml"), &plan.config_text)
+        .map_err(|e| Error::io(dir.join("mergekit_config.yml"), e))?;
+    std::fs::write(dir.join("README.md"), model_card(plan))
+        .map_err(|e| Error::io(dir.join("README.md"), e))
 }
 
 fn model_card(plan: &Plan) -> String {
     let spec = plan.method.spec();
-    let hub: Vec<&str> = plan.models.iter().map(|m| m.reference.as_str()).filter(|r| hub_cache::is_repo_id(r) && !Path::new(r).exists()).collect();
+    let hub: Vec<&str> = plan
+        .models
+        .iter()
+        .map(|m| m.reference.as_str())
+        .filter(|r| hub_cache::is_repo_id(r) && !Path::new(r).exists())
+        .collect();
     let mut card = String::from("---\n");
     if !hub.is_empty() {
         card.push_str("base_model:\n");
@@ -153,11 +216,17 @@ fn model_card(plan: &Plan) -> String {
         }
     }
     card.push_str("library_name: transformers\ntags:\n- mergekit\n- merge\n- fusekit\n---\n\n# Merged model\n\n");
-    card.push_str(&format!("This model was merged with fusekit using the `{}` method ({}).\n\n## Models\n\n", spec.name, spec.reference));
+    card.push_str(&format!(
+        "This model was merged with fusekit using the `{}` method ({}).\n\n## Models\n\n",
+        spec.name, spec.reference
+    ));
     for (i, m) in plan.models.iter().enumerate() {
         let role = if Some(i) == plan.base { " (base)" } else { "" };
         card.push_str(&format!("- `{}`{role}\n", m.reference));
     }
-    card.push_str(&format!("\n## Configuration\n\n```yaml\n{}\n```\n", plan.config_text.trim_end()));
+    card.push_str(&format!(
+        "\n## Configuration\n\n```yaml\n{}\n```\n",
+        plan.config_text.trim_end()
+    ));
     card
 }

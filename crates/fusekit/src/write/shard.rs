@@ -17,7 +17,9 @@ pub struct ShardFile {
 
 impl ShardFile {
     pub fn write_at(&self, offset: usize, bytes: &[u8], path: &Path) -> Result<()> {
-        self.file.write_all_at(bytes, self.data_start + offset as u64).map_err(|e| Error::io(path, e))
+        self.file
+            .write_all_at(bytes, self.data_start + offset as u64)
+            .map_err(|e| Error::io(path, e))
     }
 }
 
@@ -32,7 +34,9 @@ pub fn header(plan: &Plan, shard: &Shard) -> Vec<u8> {
 }
 
 /// Header bytes for `(name, dtype, shape, offset)` entries.
-pub fn encode_header<'a>(entries: impl Iterator<Item = (&'a str, Dtype, &'a [usize], usize)>) -> Vec<u8> {
+pub fn encode_header<'a>(
+    entries: impl Iterator<Item = (&'a str, Dtype, &'a [usize], usize)>,
+) -> Vec<u8> {
     let mut entries: Vec<_> = entries.collect();
     entries.sort_by_key(|e| e.3);
     let mut map = serde_json::Map::new();
@@ -53,8 +57,10 @@ pub fn create(plan: &Plan, shard: &Shard, path: &Path) -> Result<ShardFile> {
 pub fn create_with_header(header: &[u8], data_bytes: usize, path: &Path) -> Result<ShardFile> {
     let data_start = 8 + header.len() as u64;
     let mut file = File::create(path).map_err(|e| Error::io(path, e))?;
-    file.write_all(&(header.len() as u64).to_le_bytes()).map_err(|e| Error::io(path, e))?;
+    file.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(|e| Error::io(path, e))?;
     file.write_all(header).map_err(|e| Error::io(path, e))?;
-    file.set_len(data_start + data_bytes as u64).map_err(|e| Error::io(path, e))?;
+    file.set_len(data_start + data_bytes as u64)
+        .map_err(|e| Error::io(path, e))?;
     Ok(ShardFile { file, data_start })
 }
