@@ -28,6 +28,45 @@ pub fn uniform(key: u64, index: u64) -> f64 {
     (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
+/// Fast 32-bit draws of a stream, for hot loops (DARE masks): two rounds of a 32-bit integer hash
+/// keyed by the stream, which vectorise on AVX2. A view is valid for indices sharing their high
+/// 32 bits; executor blocks never straddle such a boundary.
+#[derive(Debug, Clone, Copy)]
+pub struct Draws {
+    a: u32,
+    b: u32,
+}
+
+impl Draws {
+    pub fn at(key: u64, index: u64) -> Draws {
+        let k = mix(key ^ (index >> 32).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        Draws {
+            a: k as u32,
+            b: (k >> 32) as u32,
+        }
+    }
+
+    #[inline(always)]
+    pub fn bits(self, index: u64) -> u32 {
+        hash32(hash32(index as u32 ^ self.a) ^ self.b)
+    }
+}
+
+/// The 32-bit threshold under which a draw means "keep" with probability `p` (< 1).
+pub fn keep_threshold(p: f64) -> u32 {
+    (p.clamp(0.0, 1.0) * 4_294_967_296.0).min(u32::MAX as f64) as u32
+}
+
+/// A 32-bit integer hash with low bias ("lowbias32").
+#[inline(always)]
+fn hash32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +86,31 @@ mod tests {
             .filter(|&i| (uniform(a, i) < 0.5) == (uniform(b, i) < 0.5))
             .count();
         assert!((400..600).contains(&same), "{same}");
+    }
+
+    #[test]
+    fn fast_draws_keep_the_requested_share() {
+        let key = stream_key(3, "w", 0);
+        for p in [0.05, 0.3, 0.9] {
+            let t = keep_threshold(p);
+            let n = 400_000u64;
+            let kept = (0..n).filter(|&i| Draws::at(key, i).bits(i) < t).count() as f64 / n as f64;
+            assert!((kept - p).abs() < 0.004, "{p}: {kept}");
+        }
+        // Neighbouring elements and other streams are uncorrelated.
+        let other = stream_key(3, "w", 1);
+        let t = keep_threshold(0.5);
+        let both = (0..100_000u64)
+            .filter(|&i| Draws::at(key, i).bits(i) < t && Draws::at(other, i).bits(i) < t)
+            .count();
+        assert!((both as f64 / 100_000.0 - 0.25).abs() < 0.01);
+        let pairs = (0..100_000u64)
+            .filter(|&i| Draws::at(key, i).bits(i) < t && Draws::at(key, i + 1).bits(i + 1) < t)
+            .count();
+        assert!((pairs as f64 / 100_000.0 - 0.25).abs() < 0.01);
+        assert_ne!(
+            Draws::at(key, 5).bits(5),
+            Draws::at(key, 5 + (1 << 32)).bits(5 + (1 << 32))
+        );
     }
 }

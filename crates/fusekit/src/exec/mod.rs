@@ -10,13 +10,15 @@
 use crate::checkpoint::TensorSource;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::kernels::convert::{decode, encode, round_to};
+use crate::kernels::convert::{decode, encode, round_slice};
 use crate::kernels::BLOCK;
 use crate::methods::{TensorContext, TensorMerger, MAX_PASSES};
 use crate::plan::{MergeTask, Plan, TensorTask, Work};
 use crate::write::shard::ShardFile;
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::path::Path;
+use std::thread::LocalKey;
 
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
@@ -135,7 +137,7 @@ impl Input<'_> {
     fn decode(&self, first: usize, out: &mut [f32]) {
         decode(self.source.dtype, self.source.bytes(first, out.len()), out);
         if let Some(dtype) = self.cast {
-            out.iter_mut().for_each(|x| *x = round_to(dtype, *x));
+            round_slice(dtype, out);
         }
     }
 }
@@ -164,62 +166,132 @@ fn merge_tensor(
         base: merge.base,
         params: &merge.params,
         rng_keys: &merge.rng_keys,
-        round: match cast {
-            Some(Dtype::BF16) => |x| round_to(Dtype::BF16, x),
-            Some(Dtype::F16) => |x| round_to(Dtype::F16, x),
-            _ => |x| x,
-        },
+        compute: cast,
     };
     let mut merger = plan.method.merger(&ctx)?;
     let passes: Vec<usize> = (0..MAX_PASSES).collect();
-    let resident_bytes = numel * 4 * (inputs.len() + 1);
+    // Resident inputs take up to ¾ of the share; output chunks (see `write_output`) the rest.
+    let resident_bytes = numel * 4 * inputs.len() * 4 / 3;
     let needs_stats = passes.iter().any(|&p| merger.wants_pass(p));
     if needs_stats && resident_bytes <= share {
-        let data: Vec<Vec<f32>> = inputs
-            .iter()
-            .map(|input| {
-                let mut v = vec![0f32; numel];
-                input.decode(0, &mut v);
+        with_arena(&INPUT_ARENA, numel * inputs.len(), |arena| {
+            for (input, buf) in inputs.iter().zip(arena.chunks_exact_mut(numel)) {
+                input.decode(0, buf);
                 release(input.source, 0, numel);
-                v
-            })
-            .collect();
-        let blocks = |start: usize, len: usize, f: &mut dyn FnMut(&[&[f32]])| {
-            let views: Vec<&[f32]> = data.iter().map(|v| &v[start..start + len]).collect();
-            f(&views);
-        };
-        run_passes(merger.as_mut(), numel, &blocks)?;
-        // Sequential: a parallel wait here could let this thread start another resident tensor
-        // while `data` is held, breaking the budget.
-        write_output(merger.as_ref(), task, numel, share, writer, &blocks, false)
-    } else {
-        let blocks = |start: usize, len: usize, f: &mut dyn FnMut(&[&[f32]])| {
-            let mut scratch = vec![0f32; len * inputs.len()];
-            for (input, buf) in inputs.iter().zip(scratch.chunks_exact_mut(len)) {
-                input.decode(start, buf);
             }
-            let views: Vec<&[f32]> = scratch.chunks_exact(len).collect();
-            f(&views);
-        };
-        run_passes(merger.as_mut(), numel, &blocks)?;
-        write_output(merger.as_ref(), task, numel, share, writer, &blocks, true)?;
-        for input in &inputs {
-            release(input.source, 0, numel);
-        }
-        Ok(())
+            let resident = Resident { data: arena, numel };
+            run_passes(merger.as_mut(), numel, &resident)?;
+            // Sequential: a parallel wait here could let this thread start another resident
+            // tensor while the arena is held, breaking the budget.
+            write_output(
+                merger.as_ref(),
+                task,
+                numel,
+                share,
+                writer,
+                &resident,
+                false,
+            )
+        })
+    } else {
+        let streamed = Streamed { inputs: &inputs };
+        run_passes(merger.as_mut(), numel, &streamed)?;
+        write_output(merger.as_ref(), task, numel, share, writer, &streamed, true)
     }
 }
 
-type Blocks<'a> = dyn Fn(usize, usize, &mut dyn FnMut(&[&[f32]])) + Sync + 'a;
+/// Where a merge's input blocks come from.
+trait BlockSource: Sync {
+    /// Calls `f` with block `start..start + len` of every input.
+    fn with_block(&self, start: usize, len: usize, f: &mut dyn FnMut(&[&[f32]]));
+    /// Elements `first..first + count` will not be needed again in this pass.
+    fn consumed(&self, _first: usize, _count: usize) {}
+    /// Mapped bytes touched per element (0 once the inputs are in memory).
+    fn stored_bytes_per_element(&self) -> usize {
+        0
+    }
+}
 
-fn run_passes(merger: &mut dyn TensorMerger, numel: usize, blocks: &Blocks) -> Result<()> {
+/// Inputs decoded once into memory (`numel` values per input, back to back).
+struct Resident<'a> {
+    data: &'a [f32],
+    numel: usize,
+}
+
+impl BlockSource for Resident<'_> {
+    fn with_block(&self, start: usize, len: usize, f: &mut dyn FnMut(&[&[f32]])) {
+        let views: Vec<&[f32]> = self
+            .data
+            .chunks_exact(self.numel)
+            .map(|v| &v[start..start + len])
+            .collect();
+        f(&views);
+    }
+}
+
+/// Inputs decoded block by block from the mapped files, pages released behind the reader.
+struct Streamed<'a> {
+    inputs: &'a [Input<'a>],
+}
+
+impl BlockSource for Streamed<'_> {
+    fn with_block(&self, start: usize, len: usize, f: &mut dyn FnMut(&[&[f32]])) {
+        let mut scratch = vec![0f32; len * self.inputs.len()];
+        for (input, buf) in self.inputs.iter().zip(scratch.chunks_exact_mut(len)) {
+            input.decode(start, buf);
+        }
+        let views: Vec<&[f32]> = scratch.chunks_exact(len).collect();
+        f(&views);
+    }
+
+    fn consumed(&self, first: usize, count: usize) {
+        for input in self.inputs {
+            release(input.source, first, count);
+        }
+    }
+
+    fn stored_bytes_per_element(&self) -> usize {
+        self.inputs.iter().map(|i| i.source.dtype.size()).sum()
+    }
+}
+
+thread_local! {
+    static INPUT_ARENA: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static OUTPUT_ARENA: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a per-thread buffer of `len` elements that is kept between tensors, so large
+/// tensors do not pay page faults and zeroing again and again. Its contents are stale: `f` must
+/// write before it reads. Each arena stays within the thread's share of the memory budget.
+fn with_arena<T: Clone + Default, R>(
+    arena: &'static LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    let mut buffer = arena.with(|a| std::mem::take(&mut *a.borrow_mut()));
+    if buffer.len() < len {
+        buffer.resize(len, T::default());
+    }
+    let result = f(&mut buffer[..len]);
+    arena.with(|a| *a.borrow_mut() = buffer);
+    result
+}
+
+/// Statistics passes release input pages every this many elements.
+const RELEASE_STRIDE: usize = 1024 * BLOCK;
+
+fn run_passes(merger: &mut dyn TensorMerger, numel: usize, blocks: &dyn BlockSource) -> Result<()> {
     for pass in 0..MAX_PASSES {
         if !merger.wants_pass(pass) {
             continue;
         }
-        for start in (0..numel).step_by(BLOCK) {
-            let len = BLOCK.min(numel - start);
-            blocks(start, len, &mut |views| merger.observe(pass, start, views));
+        for first in (0..numel).step_by(RELEASE_STRIDE) {
+            let end = (first + RELEASE_STRIDE).min(numel);
+            for start in (first..end).step_by(BLOCK) {
+                let len = BLOCK.min(numel - start);
+                blocks.with_block(start, len, &mut |views| merger.observe(pass, start, views));
+            }
+            blocks.consumed(first, end - first);
         }
         merger.end_pass(pass)?;
     }
@@ -233,29 +305,32 @@ fn write_output(
     numel: usize,
     share: usize,
     writer: &Writer,
-    blocks: &Blocks,
+    blocks: &dyn BlockSource,
     parallel: bool,
 ) -> Result<()> {
     let out_size = task.dtype.size();
-    let chunk = ((share / 4 / out_size.max(1)) / BLOCK).max(1) * BLOCK;
+    // A chunk's output bytes plus the mapped input pages it touches fit a quarter of the share.
+    let chunk = ((share / 4 / (out_size + blocks.stored_bytes_per_element())) / BLOCK).max(1) * BLOCK;
     let starts: Vec<usize> = (0..numel).step_by(chunk).collect();
     let one = |&first: &usize| -> Result<()> {
         let count = chunk.min(numel - first);
-        let mut bytes = vec![0u8; count * out_size];
-        let mut values = vec![0f32; BLOCK];
-        for start in (first..first + count).step_by(BLOCK) {
-            let len = BLOCK.min(numel - start);
-            blocks(start, len, &mut |views| {
-                merger.apply(start, views, &mut values[..len])
-            });
-            let at = (start - first) * out_size;
-            encode(
-                task.dtype,
-                &values[..len],
-                &mut bytes[at..at + len * out_size],
-            );
-        }
-        writer.write(first * out_size, &bytes)
+        with_arena(&OUTPUT_ARENA, count * out_size, |bytes| {
+            let mut values = vec![0f32; BLOCK];
+            for start in (first..first + count).step_by(BLOCK) {
+                let len = BLOCK.min(numel - start);
+                blocks.with_block(start, len, &mut |views| {
+                    merger.apply(start, views, &mut values[..len])
+                });
+                let at = (start - first) * out_size;
+                encode(
+                    task.dtype,
+                    &values[..len],
+                    &mut bytes[at..at + len * out_size],
+                );
+            }
+            blocks.consumed(first, count);
+            writer.write(first * out_size, bytes)
+        })
     };
     if parallel {
         starts.par_iter().try_for_each(one)

@@ -28,11 +28,27 @@ pub fn encode(dtype: Dtype, values: &[f32], out: &mut [u8]) {
 }
 
 /// Rounds an f32 to the nearest representable value of `dtype` (and back to f32).
+#[inline]
 pub fn round_to(dtype: Dtype, x: f32) -> f32 {
     match dtype {
         Dtype::BF16 => f32::from_bits((bf16_bits(x) as u32) << 16),
         Dtype::F16 => half::f16::from_f32(x).to_f32(),
         _ => x,
+    }
+}
+
+/// Rounds every value to `dtype` in place (see `round_to`).
+pub fn round_slice(dtype: Dtype, values: &mut [f32]) {
+    match dtype {
+        Dtype::BF16 => round_slice_bf16(values),
+        _ => values.iter_mut().for_each(|x| *x = round_to(dtype, *x)),
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+fn round_slice_bf16(values: &mut [f32]) {
+    for x in values {
+        *x = f32::from_bits((bf16_bits(*x) as u32) << 16);
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod select;
+pub mod task_vectors;
 
 /// The unit of work every method sees. Executors always hand methods whole blocks (the last one
 /// of a tensor may be shorter), so any reduction a method accumulates block by block gives the

@@ -1,11 +1,18 @@
-//! Exact top-k by magnitude without sorting or copying the tensor.
+//! Exact top-k by magnitude without sorting or copying the tensor, fed block by block.
 //!
-//! For non-negative floats the IEEE bit pattern orders like the value, so the k-th largest |x| is
-//! found with two 65536-bucket histograms: one over the high 16 bits of |x|, then one over the low
-//! 16 bits inside the bucket that holds the k-th element. Each pass is O(n) and streams blocks in
-//! any order. Elements equal to the threshold are kept in index order until exactly k are kept,
-//! which is what a stable descending sort would keep.
+//! For non-negative floats the IEEE bit pattern orders like the value, so selection works on the
+//! bits of |x|. Elements equal to the k-th magnitude are kept in index order until exactly k are
+//! kept (what a stable descending sort keeps), which `Keep` encodes as an index cutoff.
+//!
+//! 1. A strided sample (~64 K values) is sorted; when it is the whole tensor the answer is exact
+//!    at once. Otherwise it brackets the k-th magnitude in a window [lo, hi].
+//! 2. One pass counts elements above the window and collects (magnitude, index) inside it; the
+//!    exact k-th value and the tie cutoff come from sorting the window.
+//! 3. If the sample was unlucky (the k-th value fell outside the window, or the window is too
+//!    crowded), two 65536-bucket histogram passes over the high then low 16 bits find the value,
+//!    and one more pass finds the tie cutoff.
 
+const SAMPLE: usize = 1 << 16;
 const BUCKETS: usize = 1 << 16;
 
 #[inline(always)]
@@ -13,95 +20,263 @@ pub fn magnitude_bits(x: f32) -> u32 {
     x.to_bits() & 0x7FFF_FFFF
 }
 
-/// The rule that selects exactly `k` elements: everything above `bits`, plus the first
-/// `take_equal` elements (in index order) equal to it.
+/// Keeps elements whose magnitude bits exceed `bits`, and those equal to it up to `cutoff`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Threshold {
+pub struct Keep {
     pub bits: u32,
-    pub take_equal: u64,
-    /// How many elements equal the threshold; when it exceeds `take_equal` ties must be broken.
-    pub equal: u64,
+    /// Largest index of a kept element equal to the threshold (exclusive bound + 1 semantics:
+    /// equal elements with `index < cutoff` are kept).
+    pub cutoff: usize,
 }
 
-impl Threshold {
-    /// Keeps every element (k ≥ n).
-    pub const ALL: Threshold = Threshold {
+impl Keep {
+    pub const ALL: Keep = Keep {
         bits: 0,
-        take_equal: u64::MAX,
-        equal: 0,
+        cutoff: usize::MAX,
     };
-    /// Keeps nothing (k = 0).
-    pub const NONE: Threshold = Threshold {
+    pub const NONE: Keep = Keep {
         bits: u32::MAX,
-        take_equal: 0,
-        equal: 0,
+        cutoff: 0,
     };
 
-    pub fn needs_tie_break(&self) -> bool {
-        self.equal > self.take_equal
+    #[inline(always)]
+    pub fn keeps(&self, index: usize, bits: u32) -> bool {
+        bits > self.bits || (bits == self.bits && index < self.cutoff)
     }
 }
 
-/// Two-pass histogram search for the k-th largest magnitude.
-pub struct TopKSearch {
-    k: u64,
-    counts: Vec<u64>,
-    high: Option<u32>,
-    /// Elements in buckets above the chosen high bucket.
-    above: u64,
+enum Stage {
+    Sample {
+        stride: usize,
+        values: Vec<(u32, usize)>,
+    },
+    /// Counts magnitudes above the window and collects those inside it with their indices.
+    Window {
+        lo: u32,
+        hi: u32,
+        above: usize,
+        inside: Vec<u32>,
+        index: Vec<usize>,
+    },
+    Coarse {
+        counts: Vec<usize>,
+    },
+    Fine {
+        high: u32,
+        above: usize,
+        counts: Vec<usize>,
+    },
+    Ties {
+        bits: u32,
+        take: usize,
+        seen: usize,
+        cutoff: usize,
+    },
+    Done(Keep),
 }
 
-impl TopKSearch {
-    pub fn new(k: u64) -> Self {
-        TopKSearch {
-            k,
-            counts: vec![0; BUCKETS],
-            high: None,
-            above: 0,
+/// The search for the k largest magnitudes of an n-element tensor.
+pub struct TopK {
+    k: usize,
+    n: usize,
+    stage: Stage,
+}
+
+impl TopK {
+    pub fn new(k: usize, n: usize) -> TopK {
+        let stage = if k == 0 {
+            Stage::Done(Keep::NONE)
+        } else if k >= n {
+            Stage::Done(Keep::ALL)
+        } else {
+            Stage::Sample {
+                stride: n.div_ceil(SAMPLE),
+                values: Vec::with_capacity(SAMPLE.min(n)),
+            }
+        };
+        TopK { k, n, stage }
+    }
+
+    /// The answer, once no more passes are needed.
+    pub fn result(&self) -> Option<Keep> {
+        match self.stage {
+            Stage::Done(keep) => Some(keep),
+            _ => None,
         }
     }
 
-    /// Feeds values to the current pass.
-    pub fn observe(&mut self, values: impl Iterator<Item = f32>) {
-        match self.high {
-            None => {
-                for x in values {
-                    self.counts[(magnitude_bits(x) >> 16) as usize] += 1;
-                }
+    /// Feeds the block of |x − base| starting at element `start`; blocks come in index order.
+    pub fn observe(&mut self, start: usize, x: &[f32], base: &[f32]) {
+        let bits_at = |j: usize| magnitude_bits(x[j] - base[j]);
+        match &mut self.stage {
+            Stage::Sample { stride, values } => {
+                let first = start.div_ceil(*stride) * *stride - start;
+                values.extend(
+                    (first..x.len())
+                        .step_by(*stride)
+                        .map(|j| (bits_at(j), start + j)),
+                );
             }
-            Some(high) => {
-                for x in values {
-                    let bits = magnitude_bits(x);
-                    if bits >> 16 == high {
-                        self.counts[(bits & 0xFFFF) as usize] += 1;
+            Stage::Window {
+                lo,
+                hi,
+                above,
+                inside,
+                index,
+            } => {
+                let mut bits = [0u32; crate::kernels::BLOCK];
+                let mut at = [0u32; crate::kernels::BLOCK];
+                let (count, found) = window_scan(x, base, *lo, *hi, &mut bits, &mut at);
+                *above += count;
+                inside.extend_from_slice(&bits[..found]);
+                index.extend(at[..found].iter().map(|&j| start + j as usize));
+            }
+            Stage::Coarse { counts } => {
+                (0..x.len()).for_each(|j| counts[(bits_at(j) >> 16) as usize] += 1)
+            }
+            Stage::Fine { high, counts, .. } => {
+                for j in 0..x.len() {
+                    let bits = bits_at(j);
+                    if bits >> 16 == *high {
+                        counts[(bits & 0xFFFF) as usize] += 1;
                     }
                 }
             }
+            Stage::Ties {
+                bits,
+                take,
+                seen,
+                cutoff,
+            } => {
+                for j in 0..x.len() {
+                    if bits_at(j) == *bits {
+                        *seen += 1;
+                        if *seen == *take {
+                            *cutoff = start + j + 1;
+                        }
+                    }
+                }
+            }
+            Stage::Done(_) => {}
         }
     }
 
-    /// Ends a pass; returns the threshold after the second one.
-    pub fn finish_pass(&mut self) -> Option<Threshold> {
-        let (bucket, above) = kth_bucket(&self.counts, self.k - self.above);
-        let equal = self.counts[bucket];
-        self.counts.iter_mut().for_each(|c| *c = 0);
-        match self.high {
-            None => {
-                self.high = Some(bucket as u32);
-                self.above = above;
-                None
+    /// Ends a pass and moves to the next stage.
+    pub fn end_pass(&mut self) {
+        let (k, n) = (self.k, self.n);
+        self.stage = match std::mem::replace(&mut self.stage, Stage::Done(Keep::ALL)) {
+            Stage::Sample { stride, mut values } => {
+                if stride == 1 {
+                    Stage::Done(exact_from_candidates(&mut values, k))
+                } else {
+                    values.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+                    let rank = (k as f64 / n as f64 * values.len() as f64) as usize;
+                    // The k-th element's rank in the sample has a standard deviation of at most √S/2:
+                    // ±2.5√S is five of them.
+                    let margin = (2.5 * (values.len() as f64).sqrt()) as usize + 16;
+                    let hi = rank.checked_sub(margin).map_or(u32::MAX, |r| values[r].0);
+                    let lo = values.get(rank + margin).map_or(0, |v| v.0);
+                    Stage::Window {
+                        lo,
+                        hi,
+                        above: 0,
+                        inside: Vec::new(),
+                        index: Vec::new(),
+                    }
+                }
             }
-            Some(high) => Some(Threshold {
-                bits: (high << 16) | bucket as u32,
-                take_equal: self.k - self.above - above,
-                equal,
-            }),
-        }
+            Stage::Window {
+                above,
+                inside,
+                index,
+                ..
+            } => {
+                if above < k && k <= above + inside.len() {
+                    // The k-th value, then the equal elements to keep: candidates are in index order.
+                    let mut sorted = inside.clone();
+                    let (_, &mut bits, _) =
+                        sorted.select_nth_unstable_by(k - above - 1, |a, b| b.cmp(a));
+                    let take = k - above - inside.iter().filter(|&&b| b > bits).count();
+                    let last = inside
+                        .iter()
+                        .zip(&index)
+                        .filter(|(&b, _)| b == bits)
+                        .nth(take - 1)
+                        .map(|(_, &i)| i);
+                    Stage::Done(Keep {
+                        bits,
+                        cutoff: last.expect("take ≤ equal candidates") + 1,
+                    })
+                } else {
+                    Stage::Coarse {
+                        counts: vec![0; BUCKETS],
+                    }
+                }
+            }
+            Stage::Coarse { counts } => {
+                let (high, above) = kth_bucket(&counts, k);
+                Stage::Fine {
+                    high: high as u32,
+                    above,
+                    counts: vec![0; BUCKETS],
+                }
+            }
+            Stage::Fine {
+                high,
+                above,
+                counts,
+            } => {
+                let (low, above_low) = kth_bucket(&counts, k - above);
+                let take = k - above - above_low;
+                Stage::Ties {
+                    bits: (high << 16) | low as u32,
+                    take,
+                    seen: 0,
+                    cutoff: 0,
+                }
+            }
+            Stage::Ties { bits, cutoff, .. } => Stage::Done(Keep { bits, cutoff }),
+            done => done,
+        };
+    }
+}
+
+/// Scans one block of |x − base|: returns how many magnitudes exceed `hi`, and how many lie in
+/// [lo, hi], whose bits and block offsets are packed at the front of `bits` and `at`. Branch-free
+/// so the rare in-window elements cost no mispredictions.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+fn window_scan(
+    x: &[f32],
+    base: &[f32],
+    lo: u32,
+    hi: u32,
+    bits: &mut [u32],
+    at: &mut [u32],
+) -> (usize, usize) {
+    let mut above = 0;
+    let mut found = 0;
+    for (j, (&v, &w)) in x.iter().zip(base).enumerate() {
+        let b = (v - w).to_bits() & 0x7FFF_FFFF;
+        above += (b > hi) as usize;
+        bits[found] = b;
+        at[found] = j as u32;
+        found += ((b >= lo) & (b <= hi)) as usize;
+    }
+    (above, found)
+}
+
+/// Exact answer from all candidates at or around the k-th largest (k counted within them).
+fn exact_from_candidates(candidates: &mut [(u32, usize)], k: usize) -> Keep {
+    candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let (bits, index) = candidates[k - 1];
+    Keep {
+        bits,
+        cutoff: index + 1,
     }
 }
 
 /// The bucket holding the `k`-th largest element (k ≥ 1) and how many elements lie above it.
-fn kth_bucket(counts: &[u64], k: u64) -> (usize, u64) {
+fn kth_bucket(counts: &[usize], k: usize) -> (usize, usize) {
     let mut above = 0;
     for bucket in (0..counts.len()).rev() {
         if above + counts[bucket] >= k {
@@ -112,21 +287,25 @@ fn kth_bucket(counts: &[u64], k: u64) -> (usize, u64) {
     (0, above)
 }
 
-/// Computes the exact threshold over values available as one slice (for tests and small data).
-pub fn threshold_of(values: &[f32], k: u64) -> Threshold {
-    if k == 0 {
-        return Threshold::NONE;
+/// Runs the whole search over an in-memory slice (tests and small data).
+pub fn top_k(values: &[f32], k: usize, block: usize) -> Keep {
+    top_k_passes(values, k, block).0
+}
+
+/// The answer and how many passes it took.
+fn top_k_passes(values: &[f32], k: usize, block: usize) -> (Keep, usize) {
+    let zeros = vec![0f32; block];
+    let mut search = TopK::new(k, values.len());
+    let mut passes = 0;
+    while search.result().is_none() {
+        for start in (0..values.len()).step_by(block) {
+            let x = &values[start..(start + block).min(values.len())];
+            search.observe(start, x, &zeros[..x.len()]);
+        }
+        search.end_pass();
+        passes += 1;
     }
-    if k as usize >= values.len() {
-        return Threshold::ALL;
-    }
-    let mut search = TopKSearch::new(k);
-    search.observe(values.iter().copied());
-    search.finish_pass();
-    search.observe(values.iter().copied());
-    search
-        .finish_pass()
-        .expect("second pass yields a threshold")
+    (search.result().expect("loop ends when done"), passes)
 }
 
 #[cfg(test)]
@@ -143,36 +322,59 @@ mod tests {
         keep
     }
 
-    fn keep_with(values: &[f32], t: Threshold) -> Vec<bool> {
-        let mut taken = 0;
-        values
-            .iter()
-            .map(|x| {
-                let bits = magnitude_bits(*x);
-                if bits > t.bits {
-                    true
-                } else if bits == t.bits && taken < t.take_equal {
-                    taken += 1;
-                    true
-                } else {
-                    false
-                }
-            })
-            .collect()
+    fn check(values: &[f32], ks: &[usize]) {
+        for &k in ks {
+            let t = top_k(values, k, 4096);
+            let keep: Vec<bool> = values
+                .iter()
+                .enumerate()
+                .map(|(i, x)| t.keeps(i, magnitude_bits(*x)))
+                .collect();
+            assert_eq!(keep, reference_keep(values, k), "n={} k={k}", values.len());
+        }
     }
 
     #[test]
-    fn matches_a_stable_sort_including_ties() {
+    fn small_tensors_are_exact_from_the_sample() {
         let mut values: Vec<f32> = (0..5000)
             .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 64.0)
             .collect();
         values[17] = f32::MIN_POSITIVE;
         values[18] = -0.0;
-        for k in [1usize, 2, 10, 999, 1000, 2500, 4999] {
-            let t = threshold_of(&values, k as u64);
-            assert_eq!(keep_with(&values, t), reference_keep(&values, k), "k={k}");
-        }
-        assert_eq!(threshold_of(&values, 0), Threshold::NONE);
-        assert_eq!(threshold_of(&values, 5000), Threshold::ALL);
+        check(&values, &[1, 2, 10, 999, 1000, 2500, 4999, 5000]);
+        assert_eq!(top_k(&values, 0, 4096), Keep::NONE);
+    }
+
+    #[test]
+    fn large_tensors_use_the_window_and_heavy_ties() {
+        // Few distinct magnitudes, like bf16 task vectors: the threshold has thousands of ties.
+        let values: Vec<f32> = (0..300_000u64)
+            .map(|i| (((i * 2654435761) >> 7) % 41) as f32 - 20.0)
+            .collect();
+        check(&values, &[1, 7, 30_000, 150_000, 299_999]);
+        let smooth: Vec<f32> = (0..200_003u64)
+            .map(|i| ((i as f32) * 0.618).sin())
+            .collect();
+        check(&smooth, &[3, 20_000, 100_001]);
+    }
+
+    #[test]
+    fn histogram_fallback_is_exact() {
+        // The sample sees only every stride-th element; make those small and all others large, so
+        // the window misses the k-th value and the histogram passes take over.
+        let n: usize = 300_000;
+        let stride = n.div_ceil(SAMPLE);
+        let values: Vec<f32> = (0..n)
+            .map(|i| {
+                if i % stride == 0 {
+                    (i % 97) as f32 / 97.0
+                } else {
+                    1000.0 + (i % 5000) as f32
+                }
+            })
+            .collect();
+        let (_, passes) = top_k_passes(&values, 150_000, 4096);
+        assert!(passes > 2, "fallback expected, took {passes} passes");
+        check(&values, &[150_000, 5000, 299_000]);
     }
 }

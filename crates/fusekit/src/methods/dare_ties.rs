@@ -4,7 +4,7 @@
 //! Each element of δᵢ survives with probability `density`; survivors are scaled so ‖δ̂ᵢ‖₁ = ‖δᵢ‖₁
 //! (mergekit's rescale, equal to 1/density in expectation). This is mergekit's semantics: DARE
 //! replaces the TIES trim rather than preceding it. Defaults: normalize false, rescale true.
-//! The mask of element j of model i is `uniform(key(seed, tensor, i), j) < density`.
+//! The mask of element j of model i is `Draws(key(seed, tensor, i)).bits(j) < density·2³²`.
 
 use super::gta::{self, gta_params, Sparsify, Variant};
 use super::*;

@@ -12,14 +12,18 @@
 //!    Without: mixed = Σ dᵢ, divisor = Σ wᵢ (|·| < 1e-8 → 1);
 //! 5. mixed /= divisor if `normalize`; mixed *= `lambda`; out = base + mixed.
 //!
-//! Deltas and masks are computed in f32. DARE masks come from `rng`, keyed by
-//! (seed, tensor, model), so they are reproducible whatever the schedule.
+//! Deltas and masks are computed in f32. DARE masks come from `rng::Draws`, keyed by
+//! (seed, tensor, model), so they are reproducible whatever the schedule. Statistics passes: the
+//! top-k search (`kernels::select`, usually two cheap passes), then the L1 norms for `rescale`.
 
 use super::*;
+use crate::dtype::Dtype;
 use crate::error::Error;
 use crate::kernels::block_sum;
-use crate::kernels::select::{magnitude_bits, Threshold, TopKSearch};
-use crate::kernels::BLOCK;
+use crate::kernels::convert::{round_slice, round_to};
+use crate::kernels::select::{Keep, TopK};
+use crate::kernels::task_vectors;
+use crate::rng::{keep_threshold, Draws};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sparsify {
@@ -90,12 +94,13 @@ pub(crate) use gta_params;
 struct Model {
     input: usize,
     weight: f32,
-    density: f64,
+    /// Random masks: keep when the draw is below this (None: keep everything).
+    keep_below: Option<u32>,
     key: u64,
-    threshold: Threshold,
-    search: Option<TopKSearch>,
-    /// For tie breaking: how many threshold-equal elements precede each block.
-    ties_before: Vec<u64>,
+    /// Magnitude masks: the search while running, then its answer.
+    search: Option<TopK>,
+    keep: Keep,
+    /// ‖δ‖₁ and ‖mask ⊙ δ‖₁.
     l1: [f64; 2],
     scale: f32,
 }
@@ -106,10 +111,13 @@ pub struct GtaMerger {
     models: Vec<Model>,
     normalize: bool,
     lambda: f32,
-    rescale: bool,
+    /// Rescale pending (true until the L1 pass has run).
+    rescale_pending: bool,
+    in_l1_pass: bool,
     /// Divisor without consensus (constant over the tensor).
     plain_divisor: f32,
-    round: fn(f32) -> f32,
+    /// The compute dtype that divisors are rounded to, as mergekit does.
+    round: Option<Dtype>,
 }
 
 pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>> {
@@ -126,70 +134,59 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
                 format!("density {density} must be in [0, 1]"),
             ));
         }
-        let k = if density >= 1.0 {
-            ctx.numel as u64
-        } else if density <= 0.0 {
-            0
-        } else {
-            ((density * ctx.numel as f64) as u64).max(1)
-        };
-        let (threshold, search) = match variant.sparsify {
-            Sparsify::Magnitude if k == 0 => (Threshold::NONE, None),
-            Sparsify::Magnitude if k < ctx.numel as u64 => {
-                (Threshold::ALL, Some(TopKSearch::new(k)))
-            }
-            _ => (Threshold::ALL, None),
-        };
+        let sparse = density < 1.0;
+        let search = (variant.sparsify == Sparsify::Magnitude && sparse).then(|| {
+            let k = if density <= 0.0 {
+                0
+            } else {
+                ((density * ctx.numel as f64) as usize).max(1)
+            };
+            TopK::new(k, ctx.numel)
+        });
         models.push(Model {
             input,
-            weight: (ctx.round)(p.input_float(input, "weight").unwrap_or(0.0) as f32),
-            density,
+            weight: round_as(
+                ctx.compute,
+                p.input_float(input, "weight").unwrap_or(0.0) as f32,
+            ),
+            keep_below: (variant.sparsify == Sparsify::Random && sparse)
+                .then(|| keep_threshold(density)),
             key: ctx.rng_keys[input],
-            threshold,
-            search,
-            ties_before: Vec::new(),
+            keep: search.as_ref().and_then(TopK::result).unwrap_or(Keep::ALL),
+            search: search.filter(|s| s.result().is_none()),
             l1: [0.0; 2],
             scale: 1.0,
         });
     }
-    let weight_sum = (ctx.round)(models.iter().map(|m| m.weight).sum());
+    let weight_sum = round_as(ctx.compute, models.iter().map(|m| m.weight).sum());
+    let sparse = models
+        .iter()
+        .any(|m| m.keep_below.is_some() || m.search.is_some() || m.keep != Keep::ALL);
     Ok(Box::new(GtaMerger {
         variant,
         base,
         normalize: p.flag("normalize").unwrap_or(false),
         lambda: p.float("lambda").unwrap_or(1.0) as f32,
-        rescale: p.flag("rescale").unwrap_or(false),
+        rescale_pending: p.flag("rescale").unwrap_or(false) && sparse,
+        in_l1_pass: false,
         plain_divisor: if weight_sum.abs() < 1e-8 {
             1.0
         } else {
             weight_sum
         },
         models,
-        round: ctx.round,
+        round: ctx.compute,
     }))
 }
 
-impl Model {
-    fn random_keeps(&self) -> bool {
-        self.density < 1.0
-    }
-
-    #[inline]
-    fn keep_random(&self, index: usize) -> bool {
-        crate::rng::uniform(self.key, index as u64) < self.density
-    }
+fn round_as(dtype: Option<Dtype>, x: f32) -> f32 {
+    dtype.map_or(x, |d| round_to(d, x))
 }
 
-impl GtaMerger {
-    fn rescaling(&self) -> bool {
-        self.rescale && self.variant.sparsify != Sparsify::None
-    }
-
-    /// Sparsified task vector of `model` over one block, times `scale` then `weight`.
-    #[allow(clippy::too_many_arguments)]
-    fn sparse_delta(
+impl Model {
+    /// Writes mask ⊙ δ · scale · weight for one block (scale = weight = 1 for the L1 norms).
+    fn masked_delta(
         &self,
-        m: &Model,
         start: usize,
         x: &[f32],
         base: &[f32],
@@ -197,124 +194,60 @@ impl GtaMerger {
         weight: f32,
         out: &mut [f32],
     ) {
-        match self.variant.sparsify {
-            Sparsify::None => {
-                for ((o, &v), &b) in out.iter_mut().zip(x).zip(base) {
-                    *o = (v - b) * weight;
-                }
-            }
-            Sparsify::Random => {
-                for (j, ((o, &v), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
-                    let keep = !m.random_keeps() || m.keep_random(start + j);
-                    *o = if keep { (v - b) * scale * weight } else { 0.0 };
-                }
-            }
-            Sparsify::Magnitude => {
-                let t = m.threshold;
-                let mut taken = m.ties_before.get(start / BLOCK).copied().unwrap_or(0);
-                for ((o, &v), &b) in out.iter_mut().zip(x).zip(base) {
-                    let d = v - b;
-                    let bits = magnitude_bits(d);
-                    let keep = bits > t.bits || (bits == t.bits && taken < t.take_equal);
-                    taken += (bits == t.bits) as u64;
-                    *o = if keep { d * scale * weight } else { 0.0 };
-                }
-            }
+        if let Some(below) = self.keep_below {
+            task_vectors::random_delta(
+                start,
+                Draws::at(self.key, start as u64),
+                below,
+                x,
+                base,
+                scale,
+                weight,
+                out,
+            );
+        } else if self.keep != Keep::ALL {
+            task_vectors::top_k_delta(start, self.keep, x, base, scale, weight, out);
+        } else {
+            task_vectors::scaled_delta(x, base, scale, weight, out);
         }
     }
 }
 
 impl TensorMerger for GtaMerger {
-    fn wants_pass(&self, pass: usize) -> bool {
-        match self.variant.sparsify {
-            Sparsify::None => false,
-            Sparsify::Random => {
-                pass == 0 && self.rescaling() && self.models.iter().any(Model::random_keeps)
-            }
-            Sparsify::Magnitude => match pass {
-                0 | 1 => self.models.iter().any(|m| m.search.is_some()),
-                2 => self.models.iter().any(|m| m.threshold.needs_tie_break()),
-                3 => self.rescaling(),
-                _ => false,
-            },
-        }
+    fn wants_pass(&self, _pass: usize) -> bool {
+        self.models.iter().any(|m| m.search.is_some()) || self.rescale_pending
     }
 
-    fn observe(&mut self, pass: usize, start: usize, inputs: &[&[f32]]) {
+    fn observe(&mut self, _pass: usize, start: usize, inputs: &[&[f32]]) {
         let base = inputs[self.base];
-        match (self.variant.sparsify, pass) {
-            (Sparsify::Random, _) => {
-                for m in self.models.iter_mut().filter(|m| m.random_keeps()) {
-                    let x = inputs[m.input];
-                    m.l1[0] += block_sum(x.len(), |j| (x[j] - base[j]).abs() as f64);
-                    m.l1[1] += block_sum(x.len(), |j| {
-                        if m.keep_random(start + j) {
-                            (x[j] - base[j]).abs() as f64
-                        } else {
-                            0.0
-                        }
-                    });
+        if self.models.iter().any(|m| m.search.is_some()) {
+            for m in &mut self.models {
+                if let Some(search) = &mut m.search {
+                    search.observe(start, inputs[m.input], base);
                 }
             }
-            (Sparsify::Magnitude, 0 | 1) => {
-                for m in &mut self.models {
-                    if let Some(search) = &mut m.search {
-                        let x = inputs[m.input];
-                        search.observe(x.iter().zip(base).map(|(v, b)| v - b));
-                    }
-                }
-            }
-            (Sparsify::Magnitude, 2) => {
-                for m in self
-                    .models
-                    .iter_mut()
-                    .filter(|m| m.threshold.needs_tie_break())
-                {
-                    let x = inputs[m.input];
-                    let equal = x
-                        .iter()
-                        .zip(base)
-                        .filter(|(v, b)| magnitude_bits(*v - *b) == m.threshold.bits)
-                        .count();
-                    let before = m.ties_before.last().copied().unwrap_or(0);
-                    m.ties_before.push(before + equal as u64);
-                }
-            }
-            (Sparsify::Magnitude, _) => {
-                let mut kept = vec![0f32; base.len()];
-                for i in 0..self.models.len() {
-                    let x = inputs[self.models[i].input];
-                    self.sparse_delta(&self.models[i], start, x, base, 1.0, 1.0, &mut kept);
-                    let m = &mut self.models[i];
-                    m.l1[0] += block_sum(x.len(), |j| (x[j] - base[j]).abs() as f64);
-                    m.l1[1] += block_sum(x.len(), |j| kept[j].abs() as f64);
-                }
-            }
-            (Sparsify::None, _) => {}
+            return;
+        }
+        self.in_l1_pass = true;
+        let mut kept = vec![0f32; base.len()];
+        for m in &mut self.models {
+            let x = inputs[m.input];
+            m.masked_delta(start, x, base, 1.0, 1.0, &mut kept);
+            m.l1[0] += block_sum(x.len(), |j| (x[j] - base[j]).abs() as f64);
+            m.l1[1] += block_sum(x.len(), |j| kept[j].abs() as f64);
         }
     }
 
-    fn end_pass(&mut self, pass: usize) -> Result<()> {
-        let sparsify = self.variant.sparsify;
+    fn end_pass(&mut self, _pass: usize) -> Result<()> {
         for m in &mut self.models {
-            match (sparsify, pass) {
-                (Sparsify::Magnitude, 0 | 1) => {
-                    if let Some(search) = &mut m.search {
-                        if let Some(t) = search.finish_pass() {
-                            m.threshold = t;
-                            m.search = None;
-                        }
-                    }
+            if let Some(search) = &mut m.search {
+                search.end_pass();
+                if let Some(keep) = search.result() {
+                    m.keep = keep;
+                    m.search = None;
                 }
-                // Entries were pushed after each block; shift so entry b counts ties before block b.
-                (Sparsify::Magnitude, 2) if m.threshold.needs_tie_break() => {
-                    m.ties_before.insert(0, 0)
-                }
-                _ => {}
             }
-            if (sparsify == Sparsify::Random && pass == 0)
-                || (sparsify == Sparsify::Magnitude && pass == 3)
-            {
+            if self.in_l1_pass {
                 let [before, after] = m.l1;
                 m.scale = if before < 1e-7 || after < 1e-7 {
                     1.0
@@ -323,40 +256,41 @@ impl TensorMerger for GtaMerger {
                 };
             }
         }
+        if self.in_l1_pass {
+            self.rescale_pending = false;
+        }
         Ok(())
     }
 
     fn apply(&self, start: usize, inputs: &[&[f32]], out: &mut [f32]) {
         let base = inputs[self.base];
         let n = base.len();
-        let mut deltas = vec![0f32; n * self.models.len()];
+        let mut scratch = vec![0f32; n * (self.models.len() + 3)];
+        let (deltas, rest) = scratch.split_at_mut(n * self.models.len());
+        let (mixed, rest) = rest.split_at_mut(n);
+        let (divisor, sums) = rest.split_at_mut(n);
         for (m, d) in self.models.iter().zip(deltas.chunks_exact_mut(n)) {
-            self.sparse_delta(m, start, inputs[m.input], base, m.scale, m.weight, d);
+            m.masked_delta(start, inputs[m.input], base, m.scale, m.weight, d);
         }
-        for j in 0..n {
-            let (mut mixed, mut divisor) = (0f32, self.plain_divisor);
-            if self.variant.consensus {
-                let sum: f32 = (0..self.models.len()).map(|i| deltas[i * n + j]).sum();
-                let majority = if sum >= 0.0 { 1.0 } else { -1.0 };
-                divisor = 0.0;
-                for (i, m) in self.models.iter().enumerate() {
-                    let d = deltas[i * n + j];
-                    if d != 0.0 && d.signum() == majority {
-                        mixed += d;
-                        divisor += m.weight;
-                    }
-                }
-                divisor = (self.round)(divisor);
-                if divisor == 0.0 {
-                    divisor = 1.0;
-                }
-            } else {
-                mixed = (0..self.models.len()).map(|i| deltas[i * n + j]).sum();
-            }
-            if self.normalize {
-                mixed /= divisor;
-            }
-            out[j] = base[j] + mixed * self.lambda;
+        for d in deltas.chunks_exact(n) {
+            mixed.iter_mut().zip(d).for_each(|(s, x)| *s += x);
         }
+        if self.variant.consensus {
+            // `mixed` holds the election sums; rebuild it from the deltas that agree with them.
+            sums.copy_from_slice(mixed);
+            mixed.fill(0.0);
+            for (m, d) in self.models.iter().zip(deltas.chunks_exact(n)) {
+                task_vectors::add_agreeing(d, sums, m.weight, mixed, divisor);
+            }
+            if let Some(dtype) = self.round {
+                round_slice(dtype, divisor);
+            }
+            divisor
+                .iter_mut()
+                .for_each(|x| *x = if *x == 0.0 { 1.0 } else { *x });
+        } else {
+            divisor.fill(self.plain_divisor);
+        }
+        task_vectors::finish(base, mixed, divisor, self.normalize, self.lambda, out);
     }
 }

@@ -133,7 +133,7 @@ mod tests {
             base: None,
             params: &p,
             rng_keys: &[0, 0],
-            round: |x| x,
+            compute: None,
         };
         let err = Linear.merger(&ctx).err().unwrap().to_string();
         assert!(err.contains("`w`") && err.contains("sum to zero"), "{err}");

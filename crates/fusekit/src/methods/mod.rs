@@ -106,8 +106,9 @@ pub struct TensorContext<'a> {
     pub params: &'a ResolvedParams,
     /// One random stream key per input (see `rng`).
     pub rng_keys: &'a [u64],
-    /// Values that mergekit converts into the compute dtype (e.g. weights) are rounded with this.
-    pub round: fn(f32) -> f32,
+    /// The config's compute dtype when narrower than f32: values mergekit converts into it (the
+    /// per-model weights, their sums) are rounded to it.
+    pub compute: Option<crate::dtype::Dtype>,
 }
 
 /// How many statistics passes a method may ask for.
@@ -175,7 +176,7 @@ pub(crate) mod testing {
             base,
             params: &params,
             rng_keys: &keys,
-            round: |x| x,
+            compute: None,
         };
         let mut merger = method.merger(&ctx).unwrap();
         for pass in 0..MAX_PASSES {

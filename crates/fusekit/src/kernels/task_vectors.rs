@@ -1,0 +1,78 @@
+//! Per-block loops of the task-arithmetic family, written branch-free so they vectorise, and
+//! compiled for AVX-512 and AVX2 with runtime dispatch.
+
+use super::select::Keep;
+use crate::rng::Draws;
+use multiversion::multiversion;
+
+/// out = (x − base)·factor.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+pub fn scaled_delta(x: &[f32], base: &[f32], scale: f32, weight: f32, out: &mut [f32]) {
+    for ((o, &v), &b) in out.iter_mut().zip(x).zip(base) {
+        *o = (v - b) * scale * weight;
+    }
+}
+
+/// out = (x − base)·scale·weight where the top-k rule keeps the element, else 0.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+pub fn top_k_delta(
+    start: usize,
+    keep: Keep,
+    x: &[f32],
+    base: &[f32],
+    scale: f32,
+    weight: f32,
+    out: &mut [f32],
+) {
+    for (j, ((o, &v), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
+        let d = v - b;
+        let bits = d.to_bits() & 0x7FFF_FFFF;
+        let kept = (bits > keep.bits) | ((bits == keep.bits) & (start + j < keep.cutoff));
+        *o = if kept { d * scale * weight } else { 0.0 };
+    }
+}
+
+/// out = (x − base)·scale·weight where the random draw is below `below`, else 0.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+pub fn random_delta(
+    start: usize,
+    draws: Draws,
+    below: u32,
+    x: &[f32],
+    base: &[f32],
+    scale: f32,
+    weight: f32,
+    out: &mut [f32],
+) {
+    for (j, ((o, &v), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
+        let kept = draws.bits((start + j) as u64) < below;
+        *o = if kept { (v - b) * scale * weight } else { 0.0 };
+    }
+}
+
+/// TIES disjoint merge of one model: adds its weighted delta `d` and weight where the delta's
+/// sign agrees with the elected sign of `sums` (≥ 0 counts as +; zero deltas never agree).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+pub fn add_agreeing(d: &[f32], sums: &[f32], weight: f32, mixed: &mut [f32], divisor: &mut [f32]) {
+    for (((m, q), &x), &s) in mixed.iter_mut().zip(divisor.iter_mut()).zip(d).zip(sums) {
+        let agrees = ((x > 0.0) & (s >= 0.0)) | ((x < 0.0) & (s < 0.0));
+        *m += if agrees { x } else { 0.0 };
+        *q += if agrees { weight } else { 0.0 };
+    }
+}
+
+/// out = base + (mixed / divisor or mixed)·lambda.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+pub fn finish(
+    base: &[f32],
+    mixed: &[f32],
+    divisor: &[f32],
+    normalize: bool,
+    lambda: f32,
+    out: &mut [f32],
+) {
+    for (((o, &b), &m), &q) in out.iter_mut().zip(base).zip(mixed).zip(divisor) {
+        let merged = if normalize { m / q } else { m };
+        *o = b + merged * lambda;
+    }
+}
