@@ -310,7 +310,8 @@ fn write_output(
 ) -> Result<()> {
     let out_size = task.dtype.size();
     // A chunk's output bytes plus the mapped input pages it touches fit a quarter of the share.
-    let chunk = ((share / 4 / (out_size + blocks.stored_bytes_per_element())) / BLOCK).max(1) * BLOCK;
+    let chunk =
+        ((share / 4 / (out_size + blocks.stored_bytes_per_element())) / BLOCK).max(1) * BLOCK;
     let starts: Vec<usize> = (0..numel).step_by(chunk).collect();
     let one = |&first: &usize| -> Result<()> {
         let count = chunk.min(numel - first);

@@ -169,7 +169,7 @@ impl TopK {
                 if stride == 1 {
                     Stage::Done(exact_from_candidates(&mut values, k))
                 } else {
-                    values.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+                    values.sort_unstable_by_key(|v| std::cmp::Reverse(v.0));
                     let rank = (k as f64 / n as f64 * values.len() as f64) as usize;
                     // The k-th element's rank in the sample has a standard deviation of at most √S/2:
                     // ±2.5√S is five of them.

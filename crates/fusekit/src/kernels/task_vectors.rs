@@ -2,14 +2,34 @@
 //! compiled for AVX-512 and AVX2 with runtime dispatch.
 
 use super::select::Keep;
+
+/// What a kept delta is multiplied by: first the rescale, then the model's weight, in that order
+/// as mergekit does (the two roundings matter for bit equality).
+#[derive(Debug, Clone, Copy)]
+pub struct Factor {
+    pub scale: f32,
+    pub weight: f32,
+}
+
+impl Factor {
+    pub const ONE: Factor = Factor {
+        scale: 1.0,
+        weight: 1.0,
+    };
+
+    #[inline(always)]
+    fn of(self, delta: f32) -> f32 {
+        delta * self.scale * self.weight
+    }
+}
 use crate::rng::Draws;
 use multiversion::multiversion;
 
 /// out = (x − base)·factor.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
-pub fn scaled_delta(x: &[f32], base: &[f32], scale: f32, weight: f32, out: &mut [f32]) {
+pub fn scaled_delta(x: &[f32], base: &[f32], factor: Factor, out: &mut [f32]) {
     for ((o, &v), &b) in out.iter_mut().zip(x).zip(base) {
-        *o = (v - b) * scale * weight;
+        *o = factor.of(v - b);
     }
 }
 
@@ -20,15 +40,14 @@ pub fn top_k_delta(
     keep: Keep,
     x: &[f32],
     base: &[f32],
-    scale: f32,
-    weight: f32,
+    factor: Factor,
     out: &mut [f32],
 ) {
     for (j, ((o, &v), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
         let d = v - b;
         let bits = d.to_bits() & 0x7FFF_FFFF;
         let kept = (bits > keep.bits) | ((bits == keep.bits) & (start + j < keep.cutoff));
-        *o = if kept { d * scale * weight } else { 0.0 };
+        *o = if kept { factor.of(d) } else { 0.0 };
     }
 }
 
@@ -40,13 +59,12 @@ pub fn random_delta(
     below: u32,
     x: &[f32],
     base: &[f32],
-    scale: f32,
-    weight: f32,
+    factor: Factor,
     out: &mut [f32],
 ) {
     for (j, ((o, &v), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
         let kept = draws.bits((start + j) as u64) < below;
-        *o = if kept { (v - b) * scale * weight } else { 0.0 };
+        *o = if kept { factor.of(v - b) } else { 0.0 };
     }
 }
 

@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::kernels::block_sum;
 use crate::kernels::convert::{round_slice, round_to};
 use crate::kernels::select::{Keep, TopK};
-use crate::kernels::task_vectors;
+use crate::kernels::task_vectors::{self, Factor};
 use crate::rng::{keep_threshold, Draws};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,31 +184,15 @@ fn round_as(dtype: Option<Dtype>, x: f32) -> f32 {
 }
 
 impl Model {
-    /// Writes mask ⊙ δ · scale · weight for one block (scale = weight = 1 for the L1 norms).
-    fn masked_delta(
-        &self,
-        start: usize,
-        x: &[f32],
-        base: &[f32],
-        scale: f32,
-        weight: f32,
-        out: &mut [f32],
-    ) {
+    /// Writes mask ⊙ δ · factor for one block (`Factor::ONE` for the L1 norms).
+    fn masked_delta(&self, start: usize, x: &[f32], base: &[f32], factor: Factor, out: &mut [f32]) {
         if let Some(below) = self.keep_below {
-            task_vectors::random_delta(
-                start,
-                Draws::at(self.key, start as u64),
-                below,
-                x,
-                base,
-                scale,
-                weight,
-                out,
-            );
+            let draws = Draws::at(self.key, start as u64);
+            task_vectors::random_delta(start, draws, below, x, base, factor, out);
         } else if self.keep != Keep::ALL {
-            task_vectors::top_k_delta(start, self.keep, x, base, scale, weight, out);
+            task_vectors::top_k_delta(start, self.keep, x, base, factor, out);
         } else {
-            task_vectors::scaled_delta(x, base, scale, weight, out);
+            task_vectors::scaled_delta(x, base, factor, out);
         }
     }
 }
@@ -232,7 +216,7 @@ impl TensorMerger for GtaMerger {
         let mut kept = vec![0f32; base.len()];
         for m in &mut self.models {
             let x = inputs[m.input];
-            m.masked_delta(start, x, base, 1.0, 1.0, &mut kept);
+            m.masked_delta(start, x, base, Factor::ONE, &mut kept);
             m.l1[0] += block_sum(x.len(), |j| (x[j] - base[j]).abs() as f64);
             m.l1[1] += block_sum(x.len(), |j| kept[j].abs() as f64);
         }
@@ -270,7 +254,11 @@ impl TensorMerger for GtaMerger {
         let (mixed, rest) = rest.split_at_mut(n);
         let (divisor, sums) = rest.split_at_mut(n);
         for (m, d) in self.models.iter().zip(deltas.chunks_exact_mut(n)) {
-            m.masked_delta(start, inputs[m.input], base, m.scale, m.weight, d);
+            let factor = Factor {
+                scale: m.scale,
+                weight: m.weight,
+            };
+            m.masked_delta(start, inputs[m.input], base, factor, d);
         }
         for d in deltas.chunks_exact(n) {
             mixed.iter_mut().zip(d).for_each(|(s, x)| *s += x);
