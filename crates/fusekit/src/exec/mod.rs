@@ -1,11 +1,12 @@
 //! Executes a plan: every output tensor computed in parallel and written at its offset, with
 //! peak memory bounded by the memory budget whatever the model size.
 //!
-//! A tensor whose method needs statistics passes is decoded once into memory when its f32 inputs
-//! fit the per-thread share of the budget ("resident"); otherwise every pass streams the inputs
-//! again from the mapped files, block by block. Both paths hand methods the same blocks, so they
-//! give the same bytes. Output is produced in chunks sized from the budget, each encoded and
-//! written with one positioned write, and mapped input pages are released once consumed.
+//! Inputs are never held whole: every statistics pass and the final merge pass decode them block
+//! by block from the mapped files (decoding bf16 costs less than keeping f32 copies, measured on
+//! the benchmark), and mapped pages are released behind the reader. Output is produced in chunks
+//! sized from the budget, chunks of one tensor in parallel, each encoded and written with one
+//! positioned write. Methods see the same fixed blocks whatever the chunking, so the bytes do not
+//! depend on the budget or the thread count.
 
 use crate::checkpoint::TensorSource;
 use crate::dtype::Dtype;
@@ -18,7 +19,6 @@ use crate::write::shard::ShardFile;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::path::Path;
-use std::thread::LocalKey;
 
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
@@ -169,108 +169,50 @@ fn merge_tensor(
         compute: cast,
     };
     let mut merger = plan.method.merger(&ctx)?;
-    let passes: Vec<usize> = (0..MAX_PASSES).collect();
-    // Resident inputs take up to ¾ of the share; output chunks (see `write_output`) the rest.
-    let resident_bytes = numel * 4 * inputs.len() * 4 / 3;
-    let needs_stats = passes.iter().any(|&p| merger.wants_pass(p));
-    if needs_stats && resident_bytes <= share {
-        with_arena(&INPUT_ARENA, numel * inputs.len(), |arena| {
-            for (input, buf) in inputs.iter().zip(arena.chunks_exact_mut(numel)) {
-                input.decode(0, buf);
-                release(input.source, 0, numel);
-            }
-            let resident = Resident { data: arena, numel };
-            run_passes(merger.as_mut(), numel, &resident)?;
-            // Sequential: a parallel wait here could let this thread start another resident
-            // tensor while the arena is held, breaking the budget.
-            write_output(
-                merger.as_ref(),
-                task,
-                numel,
-                share,
-                writer,
-                &resident,
-                false,
-            )
-        })
-    } else {
-        let streamed = Streamed { inputs: &inputs };
-        run_passes(merger.as_mut(), numel, &streamed)?;
-        write_output(merger.as_ref(), task, numel, share, writer, &streamed, true)
-    }
+    let inputs = Inputs(&inputs);
+    run_passes(merger.as_mut(), numel, &inputs)?;
+    write_output(merger.as_ref(), task, numel, share, writer, &inputs)
 }
 
-/// Where a merge's input blocks come from.
-trait BlockSource: Sync {
-    /// Calls `f` with block `start..start + len` of every input.
-    fn with_block(&self, start: usize, len: usize, f: &mut dyn FnMut(&[&[f32]]));
-    /// Elements `first..first + count` will not be needed again in this pass.
-    fn consumed(&self, _first: usize, _count: usize) {}
-    /// Mapped bytes touched per element (0 once the inputs are in memory).
-    fn stored_bytes_per_element(&self) -> usize {
-        0
-    }
-}
+/// A tensor's inputs, read block by block from the mapped files.
+struct Inputs<'a>(&'a [Input<'a>]);
 
-/// Inputs decoded once into memory (`numel` values per input, back to back).
-struct Resident<'a> {
-    data: &'a [f32],
-    numel: usize,
-}
-
-impl BlockSource for Resident<'_> {
+impl Inputs<'_> {
+    /// Calls `f` with block `start..start + len` of every input, decoded to f32.
     fn with_block(&self, start: usize, len: usize, f: &mut dyn FnMut(&[&[f32]])) {
-        let views: Vec<&[f32]> = self
-            .data
-            .chunks_exact(self.numel)
-            .map(|v| &v[start..start + len])
-            .collect();
-        f(&views);
-    }
-}
-
-/// Inputs decoded block by block from the mapped files, pages released behind the reader.
-struct Streamed<'a> {
-    inputs: &'a [Input<'a>],
-}
-
-impl BlockSource for Streamed<'_> {
-    fn with_block(&self, start: usize, len: usize, f: &mut dyn FnMut(&[&[f32]])) {
-        let mut scratch = vec![0f32; len * self.inputs.len()];
-        for (input, buf) in self.inputs.iter().zip(scratch.chunks_exact_mut(len)) {
+        let mut scratch = vec![0f32; len * self.0.len()];
+        for (input, buf) in self.0.iter().zip(scratch.chunks_exact_mut(len)) {
             input.decode(start, buf);
         }
         let views: Vec<&[f32]> = scratch.chunks_exact(len).collect();
         f(&views);
     }
 
+    /// Elements `first..first + count` are not needed again in this pass.
     fn consumed(&self, first: usize, count: usize) {
-        for input in self.inputs {
+        for input in self.0 {
             release(input.source, first, count);
         }
     }
 
+    /// Mapped bytes touched per element.
     fn stored_bytes_per_element(&self) -> usize {
-        self.inputs.iter().map(|i| i.source.dtype.size()).sum()
+        self.0.iter().map(|i| i.source.dtype.size()).sum()
     }
 }
 
 thread_local! {
-    static INPUT_ARENA: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static OUTPUT_ARENA: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on a per-thread buffer of `len` elements that is kept between tensors, so large
+/// Runs `f` on a per-thread output buffer of `len` bytes that is kept between tensors, so large
 /// tensors do not pay page faults and zeroing again and again. Its contents are stale: `f` must
-/// write before it reads. Each arena stays within the thread's share of the memory budget.
-fn with_arena<T: Clone + Default, R>(
-    arena: &'static LocalKey<RefCell<Vec<T>>>,
-    len: usize,
-    f: impl FnOnce(&mut [T]) -> R,
-) -> R {
+/// write before it reads. It stays within the thread's share of the memory budget.
+fn with_output_buffer<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    let arena = &OUTPUT_ARENA;
     let mut buffer = arena.with(|a| std::mem::take(&mut *a.borrow_mut()));
     if buffer.len() < len {
-        buffer.resize(len, T::default());
+        buffer.resize(len, 0);
     }
     let result = f(&mut buffer[..len]);
     arena.with(|a| *a.borrow_mut() = buffer);
@@ -280,7 +222,7 @@ fn with_arena<T: Clone + Default, R>(
 /// Statistics passes release input pages every this many elements.
 const RELEASE_STRIDE: usize = 1024 * BLOCK;
 
-fn run_passes(merger: &mut dyn TensorMerger, numel: usize, blocks: &dyn BlockSource) -> Result<()> {
+fn run_passes(merger: &mut dyn TensorMerger, numel: usize, blocks: &Inputs) -> Result<()> {
     for pass in 0..MAX_PASSES {
         if !merger.wants_pass(pass) {
             continue;
@@ -288,8 +230,10 @@ fn run_passes(merger: &mut dyn TensorMerger, numel: usize, blocks: &dyn BlockSou
         for first in (0..numel).step_by(RELEASE_STRIDE) {
             let end = (first + RELEASE_STRIDE).min(numel);
             for start in (first..end).step_by(BLOCK) {
-                let len = BLOCK.min(numel - start);
-                blocks.with_block(start, len, &mut |views| merger.observe(pass, start, views));
+                if merger.wants_block(pass, start) {
+                    let len = BLOCK.min(numel - start);
+                    blocks.with_block(start, len, &mut |views| merger.observe(pass, start, views));
+                }
             }
             blocks.consumed(first, end - first);
         }
@@ -305,17 +249,16 @@ fn write_output(
     numel: usize,
     share: usize,
     writer: &Writer,
-    blocks: &dyn BlockSource,
-    parallel: bool,
+    blocks: &Inputs,
 ) -> Result<()> {
     let out_size = task.dtype.size();
-    // A chunk's output bytes plus the mapped input pages it touches fit a quarter of the share.
+    // A chunk's output bytes plus the mapped input pages it touches fit half the share.
     let chunk =
-        ((share / 4 / (out_size + blocks.stored_bytes_per_element())) / BLOCK).max(1) * BLOCK;
+        ((share / 2 / (out_size + blocks.stored_bytes_per_element())) / BLOCK).max(1) * BLOCK;
     let starts: Vec<usize> = (0..numel).step_by(chunk).collect();
     let one = |&first: &usize| -> Result<()> {
         let count = chunk.min(numel - first);
-        with_arena(&OUTPUT_ARENA, count * out_size, |bytes| {
+        with_output_buffer(count * out_size, |bytes| {
             let mut values = vec![0f32; BLOCK];
             for start in (first..first + count).step_by(BLOCK) {
                 let len = BLOCK.min(numel - start);
@@ -333,9 +276,5 @@ fn write_output(
             writer.write(first * out_size, bytes)
         })
     };
-    if parallel {
-        starts.par_iter().try_for_each(one)
-    } else {
-        starts.iter().try_for_each(one)
-    }
+    starts.par_iter().try_for_each(one)
 }

@@ -4,15 +4,19 @@
 //! bits of |x|. Elements equal to the k-th magnitude are kept in index order until exactly k are
 //! kept (what a stable descending sort keeps), which `Keep` encodes as an index cutoff.
 //!
-//! 1. A strided sample (~64 K values) is sorted; when it is the whole tensor the answer is exact
-//!    at once. Otherwise it brackets the k-th magnitude in a window [lo, hi].
+//! 1. A sample — every element of every s-th block, ~64 K values, so the other blocks are not even
+//!    read — brackets the k-th magnitude in a window [lo, hi]; when it is the whole tensor the
+//!    answer is exact at once.
 //! 2. One pass counts elements above the window and collects (magnitude, index) inside it; the
 //!    exact k-th value and the tie cutoff come from sorting the window.
 //! 3. If the sample was unlucky (the k-th value fell outside the window, or the window is too
 //!    crowded), two 65536-bucket histogram passes over the high then low 16 bits find the value,
 //!    and one more pass finds the tie cutoff.
 
-const SAMPLE: usize = 1 << 16;
+use super::BLOCK;
+
+/// Blocks read for the sample that brackets the k-th magnitude (16 × 4096 values).
+const SAMPLE_BLOCKS: usize = 16;
 const BUCKETS: usize = 1 << 16;
 
 #[inline(always)]
@@ -46,6 +50,7 @@ impl Keep {
 }
 
 enum Stage {
+    /// Every element of every `stride`-th block (all of them when `stride` is 1).
     Sample {
         stride: usize,
         values: Vec<(u32, usize)>,
@@ -90,11 +95,20 @@ impl TopK {
             Stage::Done(Keep::ALL)
         } else {
             Stage::Sample {
-                stride: n.div_ceil(SAMPLE),
-                values: Vec::with_capacity(SAMPLE.min(n)),
+                stride: n.div_ceil(BLOCK).div_ceil(SAMPLE_BLOCKS),
+                values: Vec::with_capacity((SAMPLE_BLOCKS * BLOCK).min(n)),
             }
         };
         TopK { k, n, stage }
+    }
+
+    /// Whether the next pass needs the block starting at `start` (the sample reads few blocks).
+    pub fn wants_block(&self, start: usize) -> bool {
+        match &self.stage {
+            Stage::Sample { stride, .. } => (start / BLOCK) % stride == 0,
+            Stage::Done(_) => false,
+            _ => true,
+        }
     }
 
     /// The answer, once no more passes are needed.
@@ -110,12 +124,9 @@ impl TopK {
         let bits_at = |j: usize| magnitude_bits(x[j] - base[j]);
         match &mut self.stage {
             Stage::Sample { stride, values } => {
-                let first = start.div_ceil(*stride) * *stride - start;
-                values.extend(
-                    (first..x.len())
-                        .step_by(*stride)
-                        .map(|j| (bits_at(j), start + j)),
-                );
+                if (start / BLOCK) % *stride == 0 {
+                    values.extend((0..x.len()).map(|j| (bits_at(j), start + j)));
+                }
             }
             Stage::Window {
                 lo,
@@ -169,13 +180,20 @@ impl TopK {
                 if stride == 1 {
                     Stage::Done(exact_from_candidates(&mut values, k))
                 } else {
-                    values.sort_unstable_by_key(|v| std::cmp::Reverse(v.0));
-                    let rank = (k as f64 / n as f64 * values.len() as f64) as usize;
-                    // The k-th element's rank in the sample has a standard deviation of at most √S/2:
-                    // ±2.5√S is five of them.
-                    let margin = (2.5 * (values.len() as f64).sqrt()) as usize + 16;
-                    let hi = rank.checked_sub(margin).map_or(u32::MAX, |r| values[r].0);
-                    let lo = values.get(rank + margin).map_or(0, |v| v.0);
+                    let mut sample: Vec<u32> = values.iter().map(|v| v.0).collect();
+                    let rank = (k as f64 / n as f64 * sample.len() as f64) as usize;
+                    // For a random sample the k-th element's rank has a standard deviation of at
+                    // most √S/2, so ±4√S is eight of them; blocks are not independent draws, and a
+                    // miss only costs the histogram fallback.
+                    let margin = 4 * (sample.len() as f64).sqrt() as usize + 16;
+                    let mut nth_largest =
+                        |r: usize| *sample.select_nth_unstable_by(r, |a, b| b.cmp(a)).1;
+                    let hi = rank.checked_sub(margin).map_or(u32::MAX, &mut nth_largest);
+                    let lo = if rank + margin < values.len() {
+                        nth_largest(rank + margin)
+                    } else {
+                        0
+                    };
                     Stage::Window {
                         lo,
                         hi,
@@ -363,10 +381,10 @@ mod tests {
         // The sample sees only every stride-th element; make those small and all others large, so
         // the window misses the k-th value and the histogram passes take over.
         let n: usize = 300_000;
-        let stride = n.div_ceil(SAMPLE);
+        let stride = n.div_ceil(BLOCK).div_ceil(SAMPLE_BLOCKS);
         let values: Vec<f32> = (0..n)
             .map(|i| {
-                if i % stride == 0 {
+                if (i / BLOCK) % stride == 0 {
                     (i % 97) as f32 / 97.0
                 } else {
                     1000.0 + (i % 5000) as f32

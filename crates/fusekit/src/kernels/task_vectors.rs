@@ -94,3 +94,26 @@ pub fn finish(
         *o = b + merged * lambda;
     }
 }
+
+/// (‖x − base‖₁, ‖kept‖₁) of one block in f64, with the 8-lane pattern of `block_sum`.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+pub fn l1_norms(x: &[f32], base: &[f32], kept: &[f32]) -> (f64, f64) {
+    let mut full = [0f64; 8];
+    let mut masked = [0f64; 8];
+    let mut lanes = x
+        .chunks_exact(8)
+        .zip(base.chunks_exact(8))
+        .zip(kept.chunks_exact(8));
+    for ((x, b), k) in lanes.by_ref() {
+        for l in 0..8 {
+            full[l] += (x[l] - b[l]).abs() as f64;
+            masked[l] += k[l].abs() as f64;
+        }
+    }
+    let tail = x.len() / 8 * 8;
+    for i in tail..x.len() {
+        full[i - tail] += (x[i] - base[i]).abs() as f64;
+        masked[i - tail] += kept[i].abs() as f64;
+    }
+    (full.iter().sum(), masked.iter().sum())
+}

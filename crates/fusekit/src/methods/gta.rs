@@ -19,7 +19,6 @@
 use super::*;
 use crate::dtype::Dtype;
 use crate::error::Error;
-use crate::kernels::block_sum;
 use crate::kernels::convert::{round_slice, round_to};
 use crate::kernels::select::{Keep, TopK};
 use crate::kernels::task_vectors::{self, Factor};
@@ -202,6 +201,15 @@ impl TensorMerger for GtaMerger {
         self.models.iter().any(|m| m.search.is_some()) || self.rescale_pending
     }
 
+    fn wants_block(&self, _pass: usize, start: usize) -> bool {
+        let mut searches = self
+            .models
+            .iter()
+            .filter_map(|m| m.search.as_ref())
+            .peekable();
+        searches.peek().is_none() || searches.any(|s| s.wants_block(start))
+    }
+
     fn observe(&mut self, _pass: usize, start: usize, inputs: &[&[f32]]) {
         let base = inputs[self.base];
         if self.models.iter().any(|m| m.search.is_some()) {
@@ -217,8 +225,9 @@ impl TensorMerger for GtaMerger {
         for m in &mut self.models {
             let x = inputs[m.input];
             m.masked_delta(start, x, base, Factor::ONE, &mut kept);
-            m.l1[0] += block_sum(x.len(), |j| (x[j] - base[j]).abs() as f64);
-            m.l1[1] += block_sum(x.len(), |j| kept[j].abs() as f64);
+            let (full, masked) = task_vectors::l1_norms(x, base, &kept);
+            m.l1[0] += full;
+            m.l1[1] += masked;
         }
     }
 

@@ -120,6 +120,10 @@ pub trait TensorMerger: Send + Sync {
     fn wants_pass(&self, _pass: usize) -> bool {
         false
     }
+    /// Whether pass `pass` needs the block starting at `start` (others are not even read).
+    fn wants_block(&self, _pass: usize, _start: usize) -> bool {
+        true
+    }
     /// One block of every input, in index order within a pass.
     fn observe(&mut self, _pass: usize, _start: usize, _inputs: &[&[f32]]) {}
     fn end_pass(&mut self, _pass: usize) -> Result<()> {
@@ -184,6 +188,9 @@ pub(crate) mod testing {
                 continue;
             }
             for start in (0..numel).step_by(BLOCK) {
+                if !merger.wants_block(pass, start) {
+                    continue;
+                }
                 let end = (start + BLOCK).min(numel);
                 let blocks: Vec<&[f32]> = inputs.iter().map(|x| &x[start..end]).collect();
                 merger.observe(pass, start, &blocks);
