@@ -105,7 +105,7 @@ impl TopK {
     /// Whether the next pass needs the block starting at `start` (the sample reads few blocks).
     pub fn wants_block(&self, start: usize) -> bool {
         match &self.stage {
-            Stage::Sample { stride, .. } => (start / BLOCK) % stride == 0,
+            Stage::Sample { stride, .. } => (start / BLOCK).is_multiple_of(*stride),
             Stage::Done(_) => false,
             _ => true,
         }
@@ -124,7 +124,7 @@ impl TopK {
         let bits_at = |j: usize| magnitude_bits(x[j] - base[j]);
         match &mut self.stage {
             Stage::Sample { stride, values } => {
-                if (start / BLOCK) % *stride == 0 {
+                if (start / BLOCK).is_multiple_of(*stride) {
                     values.extend((0..x.len()).map(|j| (bits_at(j), start + j)));
                 }
             }
@@ -384,7 +384,7 @@ mod tests {
         let stride = n.div_ceil(BLOCK).div_ceil(SAMPLE_BLOCKS);
         let values: Vec<f32> = (0..n)
             .map(|i| {
-                if (i / BLOCK) % stride == 0 {
+                if (i / BLOCK).is_multiple_of(stride) {
                     (i % 97) as f32 / 97.0
                 } else {
                     1000.0 + (i % 5000) as f32
