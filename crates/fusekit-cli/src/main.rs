@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use fusekit::dtype::Dtype;
 use fusekit::fixtures::{self, Family, ModelSpec};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
 use std::path::PathBuf;
 
 mod bench;
@@ -131,7 +132,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let plan = fusekit::plan::build(&loaded, &plan_options)?;
             if dry_run {
-                print!("{plan}");
+                // A closed pipe (`| head`) is not an error worth a panic.
+                let _ = write!(std::io::stdout().lock(), "{plan}");
                 return Ok(());
             }
             let bar = ProgressBar::new(plan.total_bytes() as u64);
