@@ -422,7 +422,8 @@ mod tests {
         let x: Vec<f32> = (0..4093).map(|i| ((i as f32) * 0.37).sin()).collect();
         let base: Vec<f32> = (0..4093).map(|i| ((i as f32) * 0.11).cos() * 0.5).collect();
         let (lo, hi) = (magnitude_bits(0.2), magnitude_bits(0.6));
-        let run = |f: &dyn Fn(&mut [u32], &mut [u32]) -> (usize, usize)| {
+        type Scan<'a> = &'a dyn Fn(&mut [u32], &mut [u32]) -> (usize, usize);
+        let run = |f: Scan| {
             let (mut bits, mut at) = (vec![0u32; BLOCK], vec![0u32; BLOCK]);
             let (above, found) = f(&mut bits, &mut at);
             (above, bits[..found].to_vec(), at[..found].to_vec())
