@@ -48,8 +48,14 @@ struct Measured {
     peak_rss: u64,
 }
 
+/// Flushes dirty pages left by earlier steps, so no contender pays for another's writeback.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
 /// Runs a child to completion, sampling its peak RSS (VmHWM) until it exits.
 fn measure(mut cmd: Command) -> Result<Measured> {
+    settle();
     let start = Instant::now();
     let mut child = cmd
         .stdout(std::process::Stdio::null())
@@ -87,6 +93,7 @@ fn measure(mut cmd: Command) -> Result<Measured> {
 
 /// Reads every file once and writes `out_bytes` once: the least I/O any merge must do.
 fn roofline(inputs: &[PathBuf], out_bytes: usize, scratch: &Path) -> Result<Duration> {
+    settle();
     let start = Instant::now();
     let mut buf = vec![0u8; 8 << 20];
     let mut sink = 0u64;
@@ -118,15 +125,6 @@ fn roofline(inputs: &[PathBuf], out_bytes: usize, scratch: &Path) -> Result<Dura
     let elapsed = start.elapsed();
     std::fs::remove_file(scratch)?;
     Ok(elapsed)
-}
-
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    files.sort();
-    Ok(files)
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -198,7 +196,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         } else {
             ("—".into(), "—".into(), "—".into())
         };
-        let _ = safetensors_files(&out).map(|f| f.len());
         let _ = std::fs::remove_dir_all(&out);
         println!(
             "| {method} | {:.2} | {:.2} GiB | {:.2} | {:.0} % | {theirs_s} | {theirs_rss} | {speedup} |",

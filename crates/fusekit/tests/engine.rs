@@ -60,7 +60,7 @@ fn same_bytes_whatever_threads_budget_and_path() {
             .unwrap();
             shard_bytes(&dir.path().join(format!("{tag}_ref")))
         };
-        // 2 threads with a budget so small that every statistics pass streams from the files.
+        // 2–3 threads, with budgets from 1 GiB down to 1 byte (one block per output chunk).
         for (i, (threads, budget)) in [(2, 1 << 30), (2, 1), (3, 300_000)].into_iter().enumerate() {
             let out = format!("{tag}_{i}");
             merge_yaml(

@@ -12,7 +12,7 @@ use crate::checkpoint::TensorSource;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernels::convert::{decode, encode, round_slice};
-use crate::kernels::BLOCK;
+use crate::kernels::{with_scratch, BLOCK};
 use crate::methods::{TensorContext, TensorMerger, MAX_PASSES};
 use crate::plan::{MergeTask, Plan, TensorTask, Work};
 use crate::write::shard::ShardFile;
@@ -180,12 +180,13 @@ struct Inputs<'a>(&'a [Input<'a>]);
 impl Inputs<'_> {
     /// Calls `f` with block `start..start + len` of every input, decoded to f32.
     fn with_block(&self, start: usize, len: usize, f: &mut dyn FnMut(&[&[f32]])) {
-        let mut scratch = vec![0f32; len * self.0.len()];
-        for (input, buf) in self.0.iter().zip(scratch.chunks_exact_mut(len)) {
-            input.decode(start, buf);
-        }
-        let views: Vec<&[f32]> = scratch.chunks_exact(len).collect();
-        f(&views);
+        with_scratch(len * self.0.len(), |scratch| {
+            for (input, buf) in self.0.iter().zip(scratch.chunks_exact_mut(len)) {
+                input.decode(start, buf);
+            }
+            let views: Vec<&[f32]> = scratch.chunks_exact(len).collect();
+            f(&views);
+        })
     }
 
     /// Elements `first..first + count` are not needed again in this pass.
@@ -259,19 +260,20 @@ fn write_output(
     let one = |&first: &usize| -> Result<()> {
         let count = chunk.min(numel - first);
         with_output_buffer(count * out_size, |bytes| {
-            let mut values = vec![0f32; BLOCK];
-            for start in (first..first + count).step_by(BLOCK) {
-                let len = BLOCK.min(numel - start);
-                blocks.with_block(start, len, &mut |views| {
-                    merger.apply(start, views, &mut values[..len])
-                });
-                let at = (start - first) * out_size;
-                encode(
-                    task.dtype,
-                    &values[..len],
-                    &mut bytes[at..at + len * out_size],
-                );
-            }
+            with_scratch(BLOCK, |values| {
+                for start in (first..first + count).step_by(BLOCK) {
+                    let len = BLOCK.min(numel - start);
+                    blocks.with_block(start, len, &mut |views| {
+                        merger.apply(start, views, &mut values[..len])
+                    });
+                    let at = (start - first) * out_size;
+                    encode(
+                        task.dtype,
+                        &values[..len],
+                        &mut bytes[at..at + len * out_size],
+                    );
+                }
+            });
             blocks.consumed(first, count);
             writer.write(first * out_size, bytes)
         })

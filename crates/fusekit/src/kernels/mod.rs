@@ -10,21 +10,38 @@ pub mod task_vectors;
 /// same bits whatever the chunking, memory budget or thread count.
 pub const BLOCK: usize = 4096;
 
-/// Sum of `f(i)` over a block in f64, with a fixed 8-lane pattern so it vectorises and is
-/// reproducible.
-#[inline]
-pub fn block_sum(len: usize, f: impl Fn(usize) -> f64) -> f64 {
+/// Σ x·y over a block in f64, accumulated in 8 fixed lanes (element i into lane i mod 8, lanes
+/// summed at the end), so it vectorises and gives the same bits for the same block.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+pub fn dot_f64(x: &[f32], y: &[f32]) -> f64 {
     let mut lanes = [0f64; 8];
-    let full = len / 8 * 8;
-    for i in (0..full).step_by(8) {
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            *lane += f(i + l);
+    for (a, b) in x.chunks_exact(8).zip(y.chunks_exact(8)) {
+        for l in 0..8 {
+            lanes[l] += a[l] as f64 * b[l] as f64;
         }
     }
-    for i in full..len {
-        lanes[i - full] += f(i);
+    let tail = x.len() / 8 * 8;
+    for i in tail..x.len().min(y.len()) {
+        lanes[i - tail] += x[i] as f64 * y[i] as f64;
     }
     lanes.iter().sum()
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a per-thread f32 buffer of `len` values, reused across calls (a stack of them, so
+/// calls nest). The contents are stale: `f` must write before it reads. Per-block buffers were
+/// a measurable share of the merge time when allocated and zeroed afresh.
+pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buffer = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    let result = f(&mut buffer[..len]);
+    SCRATCH.with(|s| s.borrow_mut().push(buffer));
+    result
 }
 
 #[cfg(test)]
@@ -32,11 +49,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn block_sum_matches_plain_sum() {
-        let x: Vec<f64> = (0..1001).map(|i| (i as f64).sin()).collect();
-        let plain: f64 = x.iter().sum();
-        assert!((block_sum(x.len(), |i| x[i]) - plain).abs() < 1e-9);
-        assert_eq!(block_sum(0, |_| 1.0), 0.0);
+    fn dot_matches_plain_sum() {
+        let x: Vec<f32> = (0..1001).map(|i| (i as f32).sin()).collect();
+        let y: Vec<f32> = (0..1001).map(|i| (i as f32 * 0.3).cos()).collect();
+        let plain: f64 = x.iter().zip(&y).map(|(a, b)| *a as f64 * *b as f64).sum();
+        assert!((dot_f64(&x, &y) - plain).abs() < 1e-9);
+        assert_eq!(dot_f64(&[], &[]), 0.0);
     }
 }
 

@@ -55,13 +55,16 @@ enum Stage {
         stride: usize,
         values: Vec<(u32, usize)>,
     },
-    /// Counts magnitudes above the window and collects those inside it with their indices.
+    /// Counts magnitudes above the window and collects those inside it with their indices
+    /// (`bits` and `at` are one block of scratch for the scan, allocated once).
     Window {
         lo: u32,
         hi: u32,
         above: usize,
         inside: Vec<u32>,
         index: Vec<usize>,
+        bits: Vec<u32>,
+        at: Vec<u32>,
     },
     Coarse {
         counts: Vec<usize>,
@@ -134,10 +137,10 @@ impl TopK {
                 above,
                 inside,
                 index,
+                bits,
+                at,
             } => {
-                let mut bits = [0u32; BLOCK];
-                let mut at = [0u32; BLOCK];
-                let (count, found) = window_scan(x, base, *lo, *hi, &mut bits, &mut at);
+                let (count, found) = window_scan(x, base, *lo, *hi, bits, at);
                 *above += count;
                 inside.extend_from_slice(&bits[..found]);
                 index.extend(at[..found].iter().map(|&j| start + j as usize));
@@ -200,6 +203,8 @@ impl TopK {
                         above: 0,
                         inside: Vec::new(),
                         index: Vec::new(),
+                        bits: vec![0; BLOCK],
+                        at: vec![0; BLOCK],
                     }
                 }
             }

@@ -95,7 +95,7 @@ pub fn finish(
     }
 }
 
-/// (‖x − base‖₁, ‖kept‖₁) of one block in f64, with the 8-lane pattern of `block_sum`.
+/// (‖x − base‖₁, ‖kept‖₁) of one block in f64, with the 8-lane pattern of `dot_f64`.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
 pub fn l1_norms(x: &[f32], base: &[f32], kept: &[f32]) -> (f64, f64) {
     let mut full = [0f64; 8];

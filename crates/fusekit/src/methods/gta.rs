@@ -221,14 +221,15 @@ impl TensorMerger for GtaMerger {
             return;
         }
         self.in_l1_pass = true;
-        let mut kept = vec![0f32; base.len()];
-        for m in &mut self.models {
-            let x = inputs[m.input];
-            m.masked_delta(start, x, base, Factor::ONE, &mut kept);
-            let (full, masked) = task_vectors::l1_norms(x, base, &kept);
-            m.l1[0] += full;
-            m.l1[1] += masked;
-        }
+        crate::kernels::with_scratch(base.len(), |kept| {
+            for m in &mut self.models {
+                let x = inputs[m.input];
+                m.masked_delta(start, x, base, Factor::ONE, kept);
+                let (full, masked) = task_vectors::l1_norms(x, base, kept);
+                m.l1[0] += full;
+                m.l1[1] += masked;
+            }
+        });
     }
 
     fn end_pass(&mut self, _pass: usize) -> Result<()> {
@@ -258,36 +259,39 @@ impl TensorMerger for GtaMerger {
     fn apply(&self, start: usize, inputs: &[&[f32]], out: &mut [f32]) {
         let base = inputs[self.base];
         let n = base.len();
-        let mut scratch = vec![0f32; n * (self.models.len() + 3)];
-        let (deltas, rest) = scratch.split_at_mut(n * self.models.len());
-        let (mixed, rest) = rest.split_at_mut(n);
-        let (divisor, sums) = rest.split_at_mut(n);
-        for (m, d) in self.models.iter().zip(deltas.chunks_exact_mut(n)) {
-            let factor = Factor {
-                scale: m.scale,
-                weight: m.weight,
-            };
-            m.masked_delta(start, inputs[m.input], base, factor, d);
-        }
-        for d in deltas.chunks_exact(n) {
-            mixed.iter_mut().zip(d).for_each(|(s, x)| *s += x);
-        }
-        if self.variant.consensus {
-            // `mixed` holds the election sums; rebuild it from the deltas that agree with them.
-            sums.copy_from_slice(mixed);
+        crate::kernels::with_scratch(n * (self.models.len() + 3), |scratch| {
+            let (deltas, rest) = scratch.split_at_mut(n * self.models.len());
+            let (mixed, rest) = rest.split_at_mut(n);
+            let (divisor, sums) = rest.split_at_mut(n);
+            for (m, d) in self.models.iter().zip(deltas.chunks_exact_mut(n)) {
+                let factor = Factor {
+                    scale: m.scale,
+                    weight: m.weight,
+                };
+                m.masked_delta(start, inputs[m.input], base, factor, d);
+            }
             mixed.fill(0.0);
-            for (m, d) in self.models.iter().zip(deltas.chunks_exact(n)) {
-                task_vectors::add_agreeing(d, sums, m.weight, mixed, divisor);
+            for d in deltas.chunks_exact(n) {
+                mixed.iter_mut().zip(d).for_each(|(s, x)| *s += x);
             }
-            if let Some(dtype) = self.round {
-                round_slice(dtype, divisor);
+            if self.variant.consensus {
+                // `mixed` holds the election sums; rebuild it from the deltas that agree with them.
+                sums.copy_from_slice(mixed);
+                mixed.fill(0.0);
+                divisor.fill(0.0);
+                for (m, d) in self.models.iter().zip(deltas.chunks_exact(n)) {
+                    task_vectors::add_agreeing(d, sums, m.weight, mixed, divisor);
+                }
+                if let Some(dtype) = self.round {
+                    round_slice(dtype, divisor);
+                }
+                divisor
+                    .iter_mut()
+                    .for_each(|x| *x = if *x == 0.0 { 1.0 } else { *x });
+            } else {
+                divisor.fill(self.plain_divisor);
             }
-            divisor
-                .iter_mut()
-                .for_each(|x| *x = if *x == 0.0 { 1.0 } else { *x });
-        } else {
-            divisor.fill(self.plain_divisor);
-        }
-        task_vectors::finish(base, mixed, divisor, self.normalize, self.lambda, out);
+            task_vectors::finish(base, mixed, divisor, self.normalize, self.lambda, out);
+        })
     }
 }

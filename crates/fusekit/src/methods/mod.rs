@@ -3,8 +3,8 @@
 //!
 //! A method sees one output tensor at a time, in fixed-size blocks (`kernels::BLOCK`) of every
 //! input decoded to f32. Methods that need whole-tensor statistics (TIES top-k, DARE's L1
-//! rescale, SLERP's angle) ask for statistics passes over the blocks before `apply`; the executor
-//! decides whether the blocks come from memory or are streamed again from the mapped files.
+//! rescale, SLERP's angle) ask for statistics passes over the blocks before `apply` (and may skip
+//! blocks a pass does not need); every pass streams the blocks from the mapped files.
 
 mod dare_linear;
 mod dare_ties;

@@ -8,7 +8,7 @@
 
 use super::*;
 use crate::error::Error;
-use crate::kernels::block_sum;
+use crate::kernels::dot_f64;
 
 pub struct Slerp;
 
@@ -82,9 +82,9 @@ impl TensorMerger for SlerpMerger {
 
     fn observe(&mut self, _pass: usize, _start: usize, inputs: &[&[f32]]) {
         let (a, b) = (inputs[self.base], inputs[1 - self.base]);
-        self.sums[0] += block_sum(a.len(), |j| a[j] as f64 * a[j] as f64);
-        self.sums[1] += block_sum(a.len(), |j| b[j] as f64 * b[j] as f64);
-        self.sums[2] += block_sum(a.len(), |j| a[j] as f64 * b[j] as f64);
+        self.sums[0] += dot_f64(a, a);
+        self.sums[1] += dot_f64(b, b);
+        self.sums[2] += dot_f64(a, b);
     }
 
     fn end_pass(&mut self, _pass: usize) -> Result<()> {

@@ -2,7 +2,8 @@
 //! arXiv:2306.01708).
 //!
 //! Trim keeps the top-k |δᵢ| of each task vector per tensor (k = max(1, ⌊density·n⌋), mergekit's
-//! per-tensor variant; exact k-th value by histogram, ties at the threshold kept in index order).
+//! per-tensor variant; the exact k-th magnitude without sorting, `kernels::select`, ties at the
+//! threshold kept in index order).
 //! The sign of each element is elected from the sum of weighted trimmed deltas (a zero sum counts
 //! as +), and only deltas agreeing with it are averaged: out = base + λ·Σ kept wᵢδᵢ / Σ kept wᵢ.
 //! Defaults as mergekit: normalize true, density 1, λ 1.
