@@ -100,14 +100,12 @@ pub fn finish(
 pub fn l1_norms(x: &[f32], base: &[f32], kept: &[f32]) -> (f64, f64) {
     let mut full = [0f64; 8];
     let mut masked = [0f64; 8];
-    let mut lanes = x
-        .chunks_exact(8)
-        .zip(base.chunks_exact(8))
-        .zip(kept.chunks_exact(8));
-    for ((x, b), k) in lanes.by_ref() {
+    let lanes = x.chunks_exact(8).zip(base.chunks_exact(8)).zip(kept.chunks_exact(8));
+    for ((x, b), k) in lanes {
+        let (x, b, k): (&[f32; 8], &[f32; 8], &[f32; 8]) = (x.try_into().unwrap(), b.try_into().unwrap(), k.try_into().unwrap());
         for l in 0..8 {
-            full[l] += (x[l] - b[l]).abs() as f64;
-            masked[l] += k[l].abs() as f64;
+            full[l] += f64::from((x[l] - b[l]).abs());
+            masked[l] += f64::from(k[l].abs());
         }
     }
     let tail = x.len() / 8 * 8;
