@@ -171,7 +171,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let out_bytes = plan.total_bytes();
         drop(plan);
         roofline(&inputs, 0, &dir.join("warm.tmp"))?;
-        let roof = roofline(&inputs, out_bytes, &dir.join("roofline.tmp"))?;
+        // The least I/O is what the roofline means: best of two, as disk speed varies.
+        let roof = roofline(&inputs, out_bytes, &dir.join("roofline.tmp"))?.min(roofline(&inputs, out_bytes, &dir.join("roofline.tmp"))?);
         let mut cmd = Command::new(&exe);
         cmd.args(["merge", "--quiet"]).arg(&cfg_path).arg(&out);
         let ours = measure(cmd)?;
