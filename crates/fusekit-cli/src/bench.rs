@@ -172,7 +172,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         drop(plan);
         roofline(&inputs, 0, &dir.join("warm.tmp"))?;
         // The least I/O is what the roofline means: best of two, as disk speed varies.
-        let roof = roofline(&inputs, out_bytes, &dir.join("roofline.tmp"))?.min(roofline(&inputs, out_bytes, &dir.join("roofline.tmp"))?);
+        let roof = roofline(&inputs, out_bytes, &dir.join("roofline.tmp"))?.min(roofline(
+            &inputs,
+            out_bytes,
+            &dir.join("roofline.tmp"),
+        )?);
         let mut cmd = Command::new(&exe);
         cmd.args(["merge", "--quiet"]).arg(&cfg_path).arg(&out);
         let ours = measure(cmd)?;

@@ -28,8 +28,8 @@ pub fn uniform(key: u64, index: u64) -> f64 {
     (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
-/// Fast 32-bit draws of a stream, for hot loops (DARE masks): two rounds of a 32-bit integer hash
-/// keyed by the stream, which vectorise on AVX2. A view is valid for indices sharing their high
+/// Fast 32-bit draws of a stream, for hot loops (DARE masks): one round of a full-avalanche 32-bit
+/// integer hash of the index, keyed by the stream before and after; it vectorises on AVX2. A view is valid for indices sharing their high
 /// 32 bits; executor blocks never straddle such a boundary.
 #[derive(Debug, Clone, Copy)]
 pub struct Draws {
@@ -48,7 +48,7 @@ impl Draws {
 
     #[inline(always)]
     pub fn bits(self, index: u64) -> u32 {
-        hash32(hash32(index as u32 ^ self.a) ^ self.b)
+        hash32(index as u32 ^ self.a) ^ self.b
     }
 }
 
