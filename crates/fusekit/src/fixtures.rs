@@ -393,7 +393,7 @@ pub fn write_model(spec: &ModelSpec, dir: &Path) -> Result<()> {
         &dir.join(CONFIG_FILE),
         &serde_json::to_string_pretty(&spec.config()).expect("plain JSON"),
     )?;
-    let tokenizer = serde_json::json!({"model_max_length": 128, "tokenizer_class": "PreTrainedTokenizerFast", "fixture_seed": spec.seed});
+    let tokenizer = serde_json::json!({"model_max_length": 128, "tokenizer_class": "PreTrainedTokenizerFast", "fixture_seed": spec.seed, "fixture_finetune_seed": spec.finetune.map(|f| f.0)});
     write_text(
         &dir.join("tokenizer_config.json"),
         &serde_json::to_string_pretty(&tokenizer).expect("plain JSON"),

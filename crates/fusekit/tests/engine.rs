@@ -192,6 +192,57 @@ fn output_directory_is_complete() {
 }
 
 #[test]
+fn tokenizer_source_and_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    three_models(dir.path(), Family::Llama, Dtype::BF16);
+    let config = format!("{TIES}tokenizer_source: ./ft2\n");
+    struct Count(std::sync::atomic::AtomicU64);
+    impl fusekit::exec::Progress for Count {
+        fn advance(&self, bytes: u64) {
+            self.0
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let text = config.replace("./", &format!("{}/", dir.path().display()));
+    let loaded = fusekit::config::parse(&text, "inline").unwrap();
+    let plan = fusekit::plan::build(&loaded, &Default::default()).unwrap();
+    let count = Count(Default::default());
+    let out = dir.path().join("out");
+    fusekit::write::write(
+        &plan,
+        &out,
+        &Default::default(),
+        &Default::default(),
+        &count,
+    )
+    .unwrap();
+    assert_eq!(
+        count.0.into_inner() as usize,
+        plan.total_bytes(),
+        "progress sums to the output size"
+    );
+    let tokenizer = std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap();
+    let donor = std::fs::read_to_string(dir.path().join("ft2/tokenizer_config.json")).unwrap();
+    assert_eq!(tokenizer, donor);
+    assert_ne!(
+        tokenizer,
+        std::fs::read_to_string(dir.path().join("base/tokenizer_config.json")).unwrap()
+    );
+    let err = merge_yaml(
+        dir.path(),
+        &format!("{TIES}tokenizer_source: union\n"),
+        "u",
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("tokenizer_source") && err.contains("union"),
+        "{err}"
+    );
+}
+
+#[test]
 fn passthrough_renumbers_layers_and_updates_config() {
     let dir = tempfile::tempdir().unwrap();
     make(&dir.path().join("a"), Family::Llama, Dtype::BF16, 1, None);
