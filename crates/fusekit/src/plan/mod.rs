@@ -214,24 +214,21 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
     let mut layers_out = 0;
     let first = &slices[0];
     let last = slices.last().expect("validated non-empty");
+    let planner = TensorPlanner {
+        models: &models,
+        method,
+        top: &top,
+        compute_dtype,
+        out_dtype,
+        seed: options.seed,
+    };
     for name in names_at(&models.list[first.sources[0].model], Position::Pre) {
-        tensors.push(plan_tensor(
-            &models,
-            method,
-            first,
-            &top,
-            &name,
-            &name,
-            None,
-            0.0,
-            compute_dtype,
-            out_dtype,
-            options.seed,
-        )?);
+        tensors.push(planner.plan(first, &name, &name, None, 0.0)?);
     }
     for slice in &slices {
         let n = slice.sources[0].end - slice.sources[0].start;
         for offset in 0..n {
+            // mergekit's gradient position: t = offset / (n − 1), or 1 for a one-layer slice.
             let t = if n > 1 {
                 offset as f64 / (n - 1) as f64
             } else {
@@ -240,37 +237,13 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
             let reference = &models.list[slice.sources[0].model];
             for name in names_at(reference, Position::Layer(slice.sources[0].start + offset)) {
                 let out_name = arch::with_layer(&name, layers_out);
-                tensors.push(plan_tensor(
-                    &models,
-                    method,
-                    slice,
-                    &top,
-                    &out_name,
-                    &name,
-                    Some(offset),
-                    t,
-                    compute_dtype,
-                    out_dtype,
-                    options.seed,
-                )?);
+                tensors.push(planner.plan(slice, &out_name, &name, Some(offset), t)?);
             }
             layers_out += 1;
         }
     }
     for name in names_at(&models.list[last.sources[0].model], Position::Post) {
-        tensors.push(plan_tensor(
-            &models,
-            method,
-            last,
-            &top,
-            &name,
-            &name,
-            None,
-            0.0,
-            compute_dtype,
-            out_dtype,
-            options.seed,
-        )?);
+        tensors.push(planner.plan(last, &name, &name, None, 0.0)?);
     }
 
     let shards = assign_shards(&mut tensors, options.max_shard_size);
@@ -411,128 +384,144 @@ fn names_at(model: &Checkpoint, position: Position) -> Vec<String> {
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn plan_tensor(
-    models: &Models,
+/// What every output tensor's planning shares.
+struct TensorPlanner<'a> {
+    models: &'a Models,
     method: &'static dyn Method,
-    slice: &Slice,
-    top: &ParamScope,
-    out_name: &str,
-    reference_name: &str,
-    layer_offset: Option<usize>,
-    t: f64,
+    top: &'a ParamScope,
     compute_dtype: Option<Dtype>,
     out_dtype: Option<Dtype>,
     seed: u64,
-) -> Result<TensorTask> {
-    let spec = method.spec();
-    let input_name = |s: &Source| match layer_offset {
-        Some(offset) => arch::with_layer(reference_name, s.start + offset),
-        None => reference_name.to_string(),
-    };
-    let reference = models.list[slice.sources[0].model]
-        .source(reference_name)
-        .expect("name listed by this model");
-    if !reference.dtype.is_mergeable_float() {
-        // Integer and bool tensors (e.g. position_ids) come from the base, else the first source.
-        let donor = slice
+}
+
+impl TensorPlanner<'_> {
+    /// Plans output tensor `out_name` of `slice`, read as `reference_name` from the slice's first
+    /// source (renumbered by `layer_offset` for the others), at gradient position `t`.
+    fn plan(
+        &self,
+        slice: &Slice,
+        out_name: &str,
+        reference_name: &str,
+        layer_offset: Option<usize>,
+        t: f64,
+    ) -> Result<TensorTask> {
+        let TensorPlanner {
+            models,
+            method,
+            top,
+            compute_dtype,
+            out_dtype,
+            seed,
+        } = *self;
+        let spec = method.spec();
+        let input_name = |s: &Source| match layer_offset {
+            Some(offset) => arch::with_layer(reference_name, s.start + offset),
+            None => reference_name.to_string(),
+        };
+        let reference = models.list[slice.sources[0].model]
+            .source(reference_name)
+            .expect("name listed by this model");
+        if !reference.dtype.is_mergeable_float() {
+            // Integer and bool tensors (e.g. position_ids) come from the base, else the first source.
+            let donor = slice
+                .base
+                .and_then(|b| models.list[b].source(reference_name))
+                .unwrap_or(reference);
+            return Ok(TensorTask {
+                name: out_name.to_string(),
+                shape: donor.shape.clone(),
+                dtype: donor.dtype,
+                shard: 0,
+                offset: 0,
+                work: Work::Copy(donor),
+            });
+        }
+        let mut inputs = Vec::new();
+        for s in &slice.sources {
+            let model = &models.list[s.model];
+            let name = input_name(s);
+            let source = model.source(&name).ok_or_else(|| {
+                Error::tensor(
+                    &name,
+                    format!(
+                        "missing from model `{}` (needed for output `{out_name}`)",
+                        model.reference
+                    ),
+                )
+            })?;
+            if source.shape != reference.shape {
+                return Err(Error::tensor(
+                    &name,
+                    format!(
+                        "shape {:?} in model `{}` differs from {:?} in `{}`",
+                        source.shape,
+                        model.reference,
+                        reference.shape,
+                        models.list[slice.sources[0].model].reference
+                    ),
+                ));
+            }
+            if !source.dtype.is_mergeable_float() {
+                return Err(Error::tensor(
+                    &name,
+                    format!(
+                        "unsupported dtype {} in model `{}` (F32, F16 and BF16 can be merged)",
+                        source.dtype.safetensors_name(),
+                        model.reference
+                    ),
+                ));
+            }
+            inputs.push(MergeInput {
+                model: s.model,
+                tensor: name,
+                source,
+            });
+        }
+        let base = slice
             .base
-            .and_then(|b| models.list[b].source(reference_name))
-            .unwrap_or(reference);
-        return Ok(TensorTask {
+            .and_then(|b| slice.sources.iter().position(|s| s.model == b));
+        let input_params: Vec<InputParams> = slice
+            .sources
+            .iter()
+            .zip(&inputs)
+            .map(|(s, i)| InputParams {
+                model: &models.list[s.model].reference,
+                tensor: &i.tensor,
+                is_base: Some(s.model) == slice.base,
+                source: &s.params,
+            })
+            .collect();
+        let params = params::resolve(spec, out_name, t, &[&slice.params, top], &input_params)?;
+        let dtype = out_dtype
+            .or(compute_dtype)
+            .unwrap_or_else(|| promoted(inputs.iter().map(|i| i.source.dtype)));
+        let plain_copy = spec.name == "passthrough"
+            && params.per_input[0].is_empty()
+            && dtype == inputs[0].source.dtype
+            && compute_dtype.is_none_or(|c| c == dtype);
+        let work = if plain_copy {
+            Work::Copy(inputs.swap_remove(0).source)
+        } else {
+            let rng_keys = inputs
+                .iter()
+                .map(|i| crate::rng::stream_key(seed, out_name, i.model))
+                .collect();
+            Work::Merge(MergeTask {
+                inputs,
+                base,
+                params,
+                rng_keys,
+            })
+        };
+        Ok(TensorTask {
             name: out_name.to_string(),
-            shape: donor.shape.clone(),
-            dtype: donor.dtype,
+            shape: reference.shape.clone(),
+            dtype,
             shard: 0,
             offset: 0,
-            work: Work::Copy(donor),
-        });
-    }
-    let mut inputs = Vec::new();
-    for s in &slice.sources {
-        let model = &models.list[s.model];
-        let name = input_name(s);
-        let source = model.source(&name).ok_or_else(|| {
-            Error::tensor(
-                &name,
-                format!(
-                    "missing from model `{}` (needed for output `{out_name}`)",
-                    model.reference
-                ),
-            )
-        })?;
-        if source.shape != reference.shape {
-            return Err(Error::tensor(
-                &name,
-                format!(
-                    "shape {:?} in model `{}` differs from {:?} in `{}`",
-                    source.shape,
-                    model.reference,
-                    reference.shape,
-                    models.list[slice.sources[0].model].reference
-                ),
-            ));
-        }
-        if !source.dtype.is_mergeable_float() {
-            return Err(Error::tensor(
-                &name,
-                format!(
-                    "unsupported dtype {} in model `{}` (F32, F16 and BF16 can be merged)",
-                    source.dtype.safetensors_name(),
-                    model.reference
-                ),
-            ));
-        }
-        inputs.push(MergeInput {
-            model: s.model,
-            tensor: name,
-            source,
-        });
-    }
-    let base = slice
-        .base
-        .and_then(|b| slice.sources.iter().position(|s| s.model == b));
-    let input_params: Vec<InputParams> = slice
-        .sources
-        .iter()
-        .zip(&inputs)
-        .map(|(s, i)| InputParams {
-            model: &models.list[s.model].reference,
-            tensor: &i.tensor,
-            is_base: Some(s.model) == slice.base,
-            source: &s.params,
+            work,
         })
-        .collect();
-    let params = params::resolve(spec, out_name, t, &[&slice.params, top], &input_params)?;
-    let dtype = out_dtype
-        .or(compute_dtype)
-        .unwrap_or_else(|| promoted(inputs.iter().map(|i| i.source.dtype)));
-    let plain_copy = spec.name == "passthrough"
-        && params.per_input[0].is_empty()
-        && dtype == inputs[0].source.dtype
-        && compute_dtype.is_none_or(|c| c == dtype);
-    let work = if plain_copy {
-        Work::Copy(inputs.swap_remove(0).source)
-    } else {
-        let rng_keys = inputs
-            .iter()
-            .map(|i| crate::rng::stream_key(seed, out_name, i.model))
-            .collect();
-        Work::Merge(MergeTask {
-            inputs,
-            base,
-            params,
-            rng_keys,
-        })
-    };
-    Ok(TensorTask {
-        name: out_name.to_string(),
-        shape: reference.shape.clone(),
-        dtype,
-        shard: 0,
-        offset: 0,
-        work,
-    })
+    }
 }
 
 /// torch's promotion among float dtypes: equal stays, otherwise f16 with bf16 or anything with
