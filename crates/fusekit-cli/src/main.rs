@@ -33,8 +33,8 @@ enum Command {
         /// Replace OUT if it exists.
         #[arg(long)]
         force: bool,
-        /// Largest output shard in bytes.
-        #[arg(long, default_value_t = 5_000_000_000)]
+        /// Largest output shard in bytes (accepts K, M, G suffixes, powers of 1024).
+        #[arg(long, default_value = "5000000000", value_parser = parse_bytes)]
         max_shard_size: usize,
         /// Working-memory bound in bytes (accepts K, M, G suffixes).
         #[arg(long, default_value = "1G", value_parser = parse_bytes)]
