@@ -7,7 +7,7 @@ pub mod safetensors_file;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use memmap2::Mmap;
-use safetensors_file::{SafetensorsFile, TensorEntry};
+use safetensors_file::SafetensorsFile;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -107,11 +107,6 @@ impl Checkpoint {
         self.locations.keys().map(String::as_str)
     }
 
-    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
-        let file = &self.files[*self.locations.get(name)?];
-        file.tensors.get(name)
-    }
-
     pub fn source(&self, name: &str) -> Option<TensorSource> {
         let file = &self.files[*self.locations.get(name)?];
         let entry = file.tensors.get(name)?;
@@ -125,7 +120,7 @@ impl Checkpoint {
         })
     }
 
-    /// Every file of this model that fusekit might read, for the "output inside input" check.
+    /// The safetensors files of this model.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.files.iter().map(|f| f.path.as_path())
     }
