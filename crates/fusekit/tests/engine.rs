@@ -92,6 +92,43 @@ fn same_bytes_whatever_threads_budget_and_path() {
 }
 
 #[test]
+fn sampled_window_ties_is_independent_of_budget() {
+    // Tensors of 32+ blocks take the sampled-window top-k; a large budget computes each tensor's
+    // output in one chunk, a tiny one in many: the bytes must agree.
+    let dir = tempfile::tempdir().unwrap();
+    for (name, ft) in [
+        ("base", None),
+        ("ft1", Some((2, 0.01))),
+        ("ft2", Some((3, 0.01))),
+    ] {
+        let mut spec = ModelSpec::tiny(Family::Llama, Dtype::BF16, 1);
+        (spec.hidden, spec.intermediate, spec.vocab, spec.layers) = (256, 512, 600, 2);
+        if let Some((s, scale)) = ft {
+            spec = spec.finetuned(s, scale);
+        }
+        write_model(&spec, &dir.path().join(name)).unwrap();
+    }
+    merge_yaml(
+        dir.path(),
+        TIES,
+        "large_budget",
+        &options(2, 1 << 30, usize::MAX, 0),
+    )
+    .unwrap();
+    merge_yaml(
+        dir.path(),
+        TIES,
+        "tiny_budget",
+        &options(2, 1 << 16, usize::MAX, 0),
+    )
+    .unwrap();
+    assert_eq!(
+        shard_bytes(&dir.path().join("large_budget")),
+        shard_bytes(&dir.path().join("tiny_budget"))
+    );
+}
+
+#[test]
 fn shards_in_and_out_with_index() {
     let dir = tempfile::tempdir().unwrap();
     for (name, seed, ft) in [

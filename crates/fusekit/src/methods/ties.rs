@@ -84,7 +84,13 @@ mod tests {
 
     #[test]
     fn matches_dense_reference_with_ties_at_threshold() {
-        let n = 3 * 4096 + 17;
+        // Small enough for an exact sample, and large enough for the sampled window.
+        for n in [3 * 4096 + 17, 80 * 4096 + 5] {
+            check_against_reference(n);
+        }
+    }
+
+    fn check_against_reference(n: usize) {
         let base = data(n, 1, 1.0);
         // Quantised deltas create many equal magnitudes, so tie breaking is exercised.
         let fts: Vec<Vec<f32>> = (2..5)
