@@ -150,6 +150,10 @@ fn run_case(case: &serde_json::Value) -> Report {
         elements: 0,
     };
     let statistical = case["compare"] == "statistical";
+    // Where a coefficient comes from a whole-tensor (or whole-row) f32 reduction in mergekit and
+    // an f64 one here (model_stock's cosines), the coefficient differs by mergekit's summation
+    // error, up to ~1e-6 relative: 16 ulps at the operands' magnitude instead of 4.
+    let allowed_ulps = if case["compare"] == "reduction" { 16.0 } else { 4.0 };
     let is_ties = plan.method.spec().name == "ties";
     let base = statistical.then(|| load_model(&dir.path().join("base")));
     let inputs: Vec<_> = case["models"]
@@ -202,7 +206,7 @@ fn run_case(case: &serde_json::Value) -> Report {
                     report.tie_mismatches += 1;
                     continue;
                 }
-                assert!(diff <= 4.0 * ulp_at(a.dtype, magnitude), "{name}: `{tensor}`[{i}] = {} (fusekit) vs {} (mergekit): {d} ulps, operands up to {magnitude}", a.values[i], b.values[i]);
+                assert!(diff <= allowed_ulps * ulp_at(a.dtype, magnitude), "{name}: `{tensor}`[{i}] = {} (fusekit) vs {} (mergekit): {d} ulps, operands up to {magnitude}", a.values[i], b.values[i]);
                 report.cancellations += 1;
             } else {
                 report.max_ulps = report.max_ulps.max(d);

@@ -162,6 +162,7 @@ fn merge_tensor(
     let ctx = TensorContext {
         name: &task.name,
         numel,
+        shape: &task.shape,
         n_inputs: inputs.len(),
         base: merge.base,
         params: &merge.params,

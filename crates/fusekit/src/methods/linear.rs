@@ -129,6 +129,7 @@ mod tests {
         let ctx = TensorContext {
             name: "w",
             numel: 4,
+            shape: &[4],
             n_inputs: 2,
             base: None,
             params: &p,

@@ -10,6 +10,8 @@ mod dare_linear;
 mod dare_ties;
 mod gta;
 mod linear;
+mod model_stock;
+mod nearswap;
 mod passthrough;
 mod slerp;
 mod task_arithmetic;
@@ -101,6 +103,7 @@ impl ResolvedParams {
 pub struct TensorContext<'a> {
     pub name: &'a str,
     pub numel: usize,
+    pub shape: &'a [usize],
     pub n_inputs: usize,
     pub base: Option<usize>,
     pub params: &'a ResolvedParams,
@@ -146,6 +149,8 @@ static METHODS: &[&dyn Method] = &[
     &dare_linear::DareLinear,
     &slerp::Slerp,
     &passthrough::Passthrough,
+    &nearswap::Nearswap,
+    &model_stock::ModelStock,
 ];
 
 pub fn all() -> &'static [&'static dyn Method] {
@@ -176,13 +181,20 @@ pub(crate) mod testing {
         let ctx = TensorContext {
             name: "t",
             numel,
+            shape: &[numel],
             n_inputs: inputs.len(),
             base,
             params: &params,
             rng_keys: &keys,
             compute: None,
         };
-        let mut merger = method.merger(&ctx).unwrap();
+        run_ctx(method, inputs, &ctx)
+    }
+
+    /// Runs a merger for an explicit context (shape, parameters, keys).
+    pub fn run_ctx(method: &dyn Method, inputs: &[Vec<f32>], ctx: &TensorContext) -> Vec<f32> {
+        let numel = ctx.numel;
+        let mut merger = method.merger(ctx).unwrap();
         for pass in 0..MAX_PASSES {
             if !merger.wants_pass(pass) {
                 continue;
