@@ -28,65 +28,70 @@ struct Report {
     elements: usize,
 }
 
-/// Positions where some model's task vector sits exactly at its top-k threshold (TIES), so that
-/// which of the equal elements are kept is torch's arbitrary choice.
-fn tie_positions(
-    plan: &fusekit::plan::Plan,
-    tensor: &str,
-    inputs: &[std::collections::BTreeMap<String, Loaded>],
-    _out: &[f32],
-) -> Vec<bool> {
+/// The ranks (k-th largest |δ|, 1-based) where a magnitude-selecting method's kept set has an
+/// edge: TIES keeps the top k; breadcrumbs keeps ranks (top, top + m] below the outliers.
+fn selection_edges(method: &str, density: f64, gamma: f64, n: usize) -> Vec<usize> {
+    match method {
+        "ties" => vec![((density * n as f64) as usize).max(1)],
+        "breadcrumbs" | "breadcrumbs_ties" => {
+            let target = (density * n as f64) as usize;
+            let top = n - n.saturating_sub(target + (gamma * n as f64) as usize) - target;
+            [top, top + target]
+                .into_iter()
+                .filter(|&r| (1..=n).contains(&r))
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Positions where some model's task vector sits exactly at a selection edge, so that which of
+/// the equal elements are kept is torch's arbitrary choice (its argsort is unstable), or where a
+/// sign election cancels below the compute dtype's resolution.
+fn tie_positions(plan: &fusekit::plan::Plan, tensor: &str) -> Vec<bool> {
     let task = plan.tensors.iter().find(|t| t.name == tensor).unwrap();
     let n = task.numel();
     let mut ties = vec![false; n];
+    let method = plan.method.spec().name;
     let fusekit::plan::Work::Merge(m) = &task.work else {
         return ties;
     };
-    let (Some(base), "ties") = (m.base, plan.method.spec().name) else {
+    let Some(base) = m.base else {
         return ties;
     };
     let value = |input: &fusekit::plan::MergeInput| -> Vec<f32> {
-        let model = &plan.models[input.model];
-        let idx = inputs
-            .iter()
-            .position(|t| {
-                t.get(&input.tensor).is_some_and(|l| {
-                    l.values.len() == n
-                        && model.source(&input.tensor).unwrap().start
-                            == model.source(&input.tensor).unwrap().start
-                })
-            })
-            .unwrap();
-        let s = model.source(&input.tensor).unwrap();
-        let _ = idx;
         let mut v = vec![0f32; n];
-        fusekit::kernels::convert::decode(s.dtype, s.bytes(0, n), &mut v);
+        fusekit::kernels::convert::decode(input.source.dtype, input.source.bytes(0, n), &mut v);
         v
     };
     let b = value(&m.inputs[base]);
     let mut election = vec![(0f32, 0f32); n];
     for (i, input) in m.inputs.iter().enumerate().filter(|(i, _)| *i != base) {
-        let density = m.params.input_float(i, "density").unwrap();
-        if density >= 1.0 {
+        let density = m.params.input_float(i, "density").unwrap_or(1.0);
+        let gamma = m.params.input_float(i, "gamma").unwrap_or(0.0);
+        let edges = selection_edges(method, density, gamma, n);
+        if density >= 1.0 || edges.is_empty() {
             continue;
         }
         let x = value(input);
-        let mut mags: Vec<f32> = x.iter().zip(&b).map(|(x, b)| (x - b).abs()).collect();
-        let k = ((density * n as f64) as usize).max(1);
-        let kth = *mags.clone().select_nth_unstable_by(n - k, f32::total_cmp).1;
+        let mags: Vec<f32> = x.iter().zip(&b).map(|(x, b)| (x - b).abs()).collect();
+        let values: Vec<f32> = edges
+            .iter()
+            .map(|&r| *mags.clone().select_nth_unstable_by(n - r, f32::total_cmp).1)
+            .collect();
+        let lowest_kept = *values.last().unwrap();
         let w = m.params.input_float(i, "weight").unwrap() as f32;
-        for (j, mag) in mags.iter_mut().enumerate() {
-            ties[j] |= *mag == kth;
-            if *mag >= kth {
+        for (j, mag) in mags.iter().enumerate() {
+            ties[j] |= values.contains(mag);
+            if *mag >= lowest_kept {
                 let d = w * (x[j] - b[j]);
                 election[j].0 += d;
                 election[j].1 = election[j].1.max(d.abs());
             }
         }
     }
-    // A sign elected from a sum that cancels below the compute dtype's resolution is also a tie.
     for (j, (sum, largest)) in election.iter().enumerate() {
-        ties[j] |= sum.abs() <= 2.0 * common::ulp_at(task.dtype, *largest);
+        ties[j] |= *largest > 0.0 && sum.abs() <= 2.0 * common::ulp_at(task.dtype, *largest);
     }
     ties
 }
@@ -153,8 +158,12 @@ fn run_case(case: &serde_json::Value) -> Report {
     // Where a coefficient comes from a whole-tensor (or whole-row) f32 reduction in mergekit and
     // an f64 one here (model_stock's cosines), the coefficient differs by mergekit's summation
     // error, up to ~1e-6 relative: 16 ulps at the operands' magnitude instead of 4.
-    let allowed_ulps = if case["compare"] == "reduction" { 16.0 } else { 4.0 };
-    let is_ties = plan.method.spec().name == "ties";
+    let allowed_ulps = if case["compare"] == "reduction" {
+        16.0
+    } else {
+        4.0
+    };
+    let is_ties = !selection_edges(plan.method.spec().name, 0.5, 0.01, 100).is_empty();
     let base = statistical.then(|| load_model(&dir.path().join("base")));
     let inputs: Vec<_> = case["models"]
         .as_object()
@@ -178,7 +187,7 @@ fn run_case(case: &serde_json::Value) -> Report {
             compare_dare(name, tensor, &base[tensor].values, &a.values, &b.values);
             continue;
         }
-        let ties = tie_positions(&plan, tensor, &inputs, &a.values);
+        let ties = tie_positions(&plan, tensor);
         report.ties += ties.iter().filter(|t| **t).count();
         let operands: Vec<&Loaded> = inputs
             .iter()

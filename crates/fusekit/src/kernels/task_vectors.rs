@@ -33,11 +33,13 @@ pub fn scaled_delta(x: &[f32], base: &[f32], factor: Factor, out: &mut [f32]) {
     }
 }
 
-/// out = (x − base)·scale·weight where the top-k rule keeps the element, else 0.
+/// out = (x − base)·scale·weight where the `keep` top-k rule keeps the element and the `drop`
+/// rule does not, else 0.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
 pub fn top_k_delta(
     start: usize,
     keep: Keep,
+    drop: Keep,
     x: &[f32],
     base: &[f32],
     factor: Factor,
@@ -46,7 +48,9 @@ pub fn top_k_delta(
     for (j, ((o, &v), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
         let d = v - b;
         let bits = d.to_bits() & 0x7FFF_FFFF;
-        let kept = (bits > keep.bits) | ((bits == keep.bits) & (start + j < keep.cutoff));
+        let index = start + j;
+        let kept = ((bits > keep.bits) | ((bits == keep.bits) & (index < keep.cutoff)))
+            & !((bits > drop.bits) | ((bits == drop.bits) & (index < drop.cutoff)));
         *o = if kept { factor.of(d) } else { 0.0 };
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! 1. task vectors δᵢ = xᵢ − base;
 //! 2. sparsify each δᵢ with its own `density`: keep the top-k |δᵢ| (TIES, k = max(1, ⌊density·n⌋),
-//!    ties at the threshold broken by index) or a Bernoulli(density) mask (DARE); with `rescale`,
+//!    ties at the threshold broken by index), a band of ⌊density·n⌋ magnitudes below the ⌊γ·n⌋
+//!    largest (breadcrumbs), or a Bernoulli(density) mask (DARE); with `rescale`,
 //!    multiply the survivors by ‖δᵢ‖₁ / ‖masked δᵢ‖₁ (skipped when either is below 1e-7) — the
 //!    L1 match mergekit uses, which equals 1/density only in expectation;
 //! 3. dᵢ = wᵢ·δ̂ᵢ;
@@ -29,6 +30,8 @@ pub enum Sparsify {
     None,
     /// Keep the largest magnitudes (TIES trim).
     Magnitude,
+    /// Keep a band of magnitudes: drop the smallest and the largest outliers (breadcrumbs).
+    Outliers,
     /// Keep each element with probability `density` (DARE).
     Random,
 }
@@ -41,7 +44,7 @@ pub struct Variant {
 
 /// The parameters every variant shares, with the variant's defaults for normalize/rescale.
 macro_rules! gta_params {
-    ($normalize:expr, $rescale:expr) => {
+    ($normalize:expr, $rescale:expr $(, $extra:expr)*) => {
         &[
             ParamSpec {
                 name: "weight",
@@ -85,6 +88,7 @@ macro_rules! gta_params {
                 default: Some(Default::Bool(false)),
                 doc: "accepted for compatibility; masks are exact either way",
             },
+            $($extra,)*
         ]
     };
 }
@@ -96,9 +100,12 @@ struct Model {
     /// Random masks: keep when the draw is below this (None: keep everything).
     keep_below: Option<u32>,
     key: u64,
-    /// Magnitude masks: the search while running, then its answer.
+    /// Magnitude masks: the searches while running, then their answers. An element survives if
+    /// `keep` keeps it and `drop` does not (`drop` removes the largest outliers, breadcrumbs).
     search: Option<TopK>,
     keep: Keep,
+    drop_search: Option<TopK>,
+    drop: Keep,
     /// ‖δ‖₁ and ‖mask ⊙ δ‖₁.
     l1: [f64; 2],
     scale: f32,
@@ -134,14 +141,30 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
             ));
         }
         let sparse = density < 1.0;
-        let search = (variant.sparsify == Sparsify::Magnitude && sparse).then(|| {
-            let k = if density <= 0.0 {
-                0
-            } else {
-                ((density * ctx.numel as f64) as usize).max(1)
-            };
-            TopK::new(k, ctx.numel)
-        });
+        let n = ctx.numel;
+        let (keep_count, drop_count) = match variant.sparsify {
+            // TIES: the top k = max(1, ⌊density·n⌋), none at all for density 0.
+            Sparsify::Magnitude if sparse => (
+                Some(if density <= 0.0 {
+                    0
+                } else {
+                    ((density * n as f64) as usize).max(1)
+                }),
+                None,
+            ),
+            // Breadcrumbs: sorted ascending, keep ranks [n_bot, n_bot + ⌊density·n⌋) where
+            // n_bot = max(0, n − ⌊density·n⌋ − ⌊γ·n⌋): the top n − n_bot minus the top
+            // n − n_bot − ⌊density·n⌋ (mergekit 0.1.5's corrected slice).
+            Sparsify::Outliers if sparse => {
+                let gamma = p.input_float(input, "gamma").unwrap_or(0.01).max(0.0);
+                let target = (density * n as f64) as usize;
+                let n_bot = n.saturating_sub(target + (gamma * n as f64) as usize);
+                (Some(n - n_bot), Some(n - n_bot - target))
+            }
+            _ => (None, None),
+        };
+        let search = keep_count.map(|k| TopK::new(k, n));
+        let drop_search = drop_count.map(|k| TopK::new(k, n));
         models.push(Model {
             input,
             weight: round_as(
@@ -153,6 +176,11 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
             key: ctx.rng_keys[input],
             keep: search.as_ref().and_then(TopK::result).unwrap_or(Keep::ALL),
             search: search.filter(|s| s.result().is_none()),
+            drop: drop_search
+                .as_ref()
+                .and_then(TopK::result)
+                .unwrap_or(Keep::NONE),
+            drop_search: drop_search.filter(|s| s.result().is_none()),
             l1: [0.0; 2],
             scale: 1.0,
         });
@@ -160,7 +188,7 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
     let weight_sum = round_as(ctx.compute, models.iter().map(|m| m.weight).sum());
     let sparse = models
         .iter()
-        .any(|m| m.keep_below.is_some() || m.search.is_some() || m.keep != Keep::ALL);
+        .any(|m| m.keep_below.is_some() || m.searching() || !m.keeps_all());
     Ok(Box::new(GtaMerger {
         variant,
         base,
@@ -188,35 +216,46 @@ impl Model {
         if let Some(below) = self.keep_below {
             let draws = Draws::at(self.key, start as u64);
             task_vectors::random_delta(start, draws, below, x, base, factor, out);
-        } else if self.keep != Keep::ALL {
-            task_vectors::top_k_delta(start, self.keep, x, base, factor, out);
-        } else {
+        } else if self.keeps_all() {
             task_vectors::scaled_delta(x, base, factor, out);
+        } else {
+            task_vectors::top_k_delta(start, self.keep, self.drop, x, base, factor, out);
         }
+    }
+
+    fn keeps_all(&self) -> bool {
+        self.keep == Keep::ALL && self.drop == Keep::NONE
+    }
+
+    fn searching(&self) -> bool {
+        self.search.is_some() || self.drop_search.is_some()
+    }
+
+    fn searches(&mut self) -> impl Iterator<Item = &mut TopK> {
+        self.search.iter_mut().chain(self.drop_search.iter_mut())
     }
 }
 
 impl TensorMerger for GtaMerger {
     fn wants_pass(&self, _pass: usize) -> bool {
-        self.models.iter().any(|m| m.search.is_some()) || self.rescale_pending
+        self.models.iter().any(Model::searching) || self.rescale_pending
     }
 
     fn wants_block(&self, _pass: usize, start: usize) -> bool {
         let mut searches = self
             .models
             .iter()
-            .filter_map(|m| m.search.as_ref())
+            .flat_map(|m| m.search.iter().chain(m.drop_search.iter()))
             .peekable();
         searches.peek().is_none() || searches.any(|s| s.wants_block(start))
     }
 
     fn observe(&mut self, _pass: usize, start: usize, inputs: &[&[f32]]) {
         let base = inputs[self.base];
-        if self.models.iter().any(|m| m.search.is_some()) {
+        if self.models.iter().any(Model::searching) {
             for m in &mut self.models {
-                if let Some(search) = &mut m.search {
-                    search.observe(start, inputs[m.input], base);
-                }
+                let x = inputs[m.input];
+                m.searches().for_each(|s| s.observe(start, x, base));
             }
             return;
         }
@@ -234,12 +273,12 @@ impl TensorMerger for GtaMerger {
 
     fn end_pass(&mut self, _pass: usize) -> Result<()> {
         for m in &mut self.models {
-            if let Some(search) = &mut m.search {
-                search.end_pass();
-                if let Some(keep) = search.result() {
-                    m.keep = keep;
-                    m.search = None;
-                }
+            m.searches().for_each(TopK::end_pass);
+            if let Some(keep) = m.search.as_ref().and_then(TopK::result) {
+                (m.keep, m.search) = (keep, None);
+            }
+            if let Some(drop) = m.drop_search.as_ref().and_then(TopK::result) {
+                (m.drop, m.drop_search) = (drop, None);
             }
             if self.in_l1_pass {
                 let [before, after] = m.l1;

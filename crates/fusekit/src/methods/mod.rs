@@ -6,6 +6,8 @@
 //! rescale, SLERP's angle) ask for statistics passes over the blocks before `apply` (and may skip
 //! blocks a pass does not need); every pass streams the blocks from the mapped files.
 
+mod breadcrumbs;
+mod breadcrumbs_ties;
 mod dare_linear;
 mod dare_ties;
 mod gta;
@@ -150,6 +152,8 @@ static METHODS: &[&dyn Method] = &[
     &slerp::Slerp,
     &passthrough::Passthrough,
     &nearswap::Nearswap,
+    &breadcrumbs::Breadcrumbs,
+    &breadcrumbs_ties::BreadcrumbsTies,
     &model_stock::ModelStock,
 ];
 
