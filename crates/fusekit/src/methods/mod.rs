@@ -15,6 +15,8 @@ mod linear;
 mod model_stock;
 mod nearswap;
 mod passthrough;
+mod ram;
+mod ramplus_tl;
 mod slerp;
 mod task_arithmetic;
 mod ties;
@@ -154,6 +156,8 @@ static METHODS: &[&dyn Method] = &[
     &nearswap::Nearswap,
     &breadcrumbs::Breadcrumbs,
     &breadcrumbs_ties::BreadcrumbsTies,
+    &ram::Ram,
+    &ramplus_tl::RamPlusTl,
     &model_stock::ModelStock,
 ];
 
