@@ -45,6 +45,11 @@ fn selection_edges(method: &str, density: f64, gamma: f64, n: usize) -> Vec<usiz
     }
 }
 
+/// Methods that elect a sign per element from a sum of task vectors.
+fn elects_signs(method: &str) -> bool {
+    matches!(method, "ties" | "breadcrumbs_ties" | "sce")
+}
+
 /// Positions where some model's task vector sits exactly at a selection edge, so that which of
 /// the equal elements are kept is torch's arbitrary choice (its argsort is unstable), or where a
 /// sign election cancels below the compute dtype's resolution.
@@ -69,8 +74,12 @@ fn tie_positions(plan: &fusekit::plan::Plan, tensor: &str) -> Vec<bool> {
     for (i, input) in m.inputs.iter().enumerate().filter(|(i, _)| *i != base) {
         let density = m.params.input_float(i, "density").unwrap_or(1.0);
         let gamma = m.params.input_float(i, "gamma").unwrap_or(0.0);
-        let edges = selection_edges(method, density, gamma, n);
-        if density >= 1.0 || edges.is_empty() {
+        let edges = if density < 1.0 {
+            selection_edges(method, density, gamma, n)
+        } else {
+            Vec::new()
+        };
+        if edges.is_empty() && !elects_signs(method) {
             continue;
         }
         let x = value(input);
@@ -79,8 +88,8 @@ fn tie_positions(plan: &fusekit::plan::Plan, tensor: &str) -> Vec<bool> {
             .iter()
             .map(|&r| *mags.clone().select_nth_unstable_by(n - r, f32::total_cmp).1)
             .collect();
-        let lowest_kept = *values.last().unwrap();
-        let w = m.params.input_float(i, "weight").unwrap() as f32;
+        let lowest_kept = values.last().copied().unwrap_or(0.0);
+        let w = m.params.input_float(i, "weight").unwrap_or(1.0) as f32;
         for (j, mag) in mags.iter().enumerate() {
             ties[j] |= values.contains(mag);
             if *mag >= lowest_kept {
@@ -163,7 +172,8 @@ fn run_case(case: &serde_json::Value) -> Report {
     } else {
         4.0
     };
-    let is_ties = !selection_edges(plan.method.spec().name, 0.5, 0.01, 100).is_empty();
+    let method = plan.method.spec().name;
+    let is_ties = elects_signs(method) || !selection_edges(method, 0.5, 0.01, 100).is_empty();
     let base = statistical.then(|| load_model(&dir.path().join("base")));
     let inputs: Vec<_> = case["models"]
         .as_object()

@@ -172,6 +172,15 @@ fn merge_tensor(
     let mut merger = plan.method.merger(&ctx)?;
     let inputs = Inputs(&inputs);
     run_passes(merger.as_mut(), numel, &inputs)?;
+    if merger.wants_pass(MAX_PASSES) {
+        return Err(Error::tensor(
+            &task.name,
+            format!(
+                "`{}` needed more than {MAX_PASSES} statistics passes",
+                plan.method.spec().name
+            ),
+        ));
+    }
     write_output(merger.as_ref(), task, numel, share, writer, &inputs)
 }
 

@@ -17,6 +17,7 @@ mod nearswap;
 mod passthrough;
 mod ram;
 mod ramplus_tl;
+mod sce;
 mod slerp;
 mod task_arithmetic;
 mod ties;
@@ -119,7 +120,7 @@ pub struct TensorContext<'a> {
 }
 
 /// How many statistics passes a method may ask for.
-pub const MAX_PASSES: usize = 4;
+pub const MAX_PASSES: usize = 8;
 
 /// The per-tensor state of a merge.
 pub trait TensorMerger: Send + Sync {
@@ -158,6 +159,7 @@ static METHODS: &[&dyn Method] = &[
     &breadcrumbs_ties::BreadcrumbsTies,
     &ram::Ram,
     &ramplus_tl::RamPlusTl,
+    &sce::Sce,
     &model_stock::ModelStock,
 ];
 
@@ -217,6 +219,10 @@ pub(crate) mod testing {
             }
             merger.end_pass(pass).unwrap();
         }
+        assert!(
+            !merger.wants_pass(MAX_PASSES),
+            "statistics unfinished after MAX_PASSES"
+        );
         let mut out = vec![0f32; numel];
         for start in (0..numel).step_by(BLOCK) {
             let end = (start + BLOCK).min(numel);
