@@ -6,7 +6,9 @@
 //!    the largest variance across models (population variance), zero τ elsewhere in every model.
 //! 2. Calculate: wᵢ = mean(τᵢ²) / Σₘ mean(τₘ²) (uniform 1/M when that sum is below 1e-6).
 //! 3. Erase: keep τᵢ where its sign matches sign(Σₘ τₘ) (a zero sum counts as +; zeros never).
+//!
 //! out = base + Σᵢ wᵢ·keptᵢ·τᵢ / max(Σᵢ wᵢ·keptᵢ, 1e-6).
+//!
 //! Statistics passes: the nonzero-variance count and the exact top-k of the variance (only when
 //! selecting), then the weights. Ties in variance are broken by index.
 
