@@ -13,6 +13,7 @@ mod dare_ties;
 mod gta;
 mod linear;
 mod model_stock;
+mod multislerp;
 mod nearswap;
 mod passthrough;
 mod ram;
@@ -160,6 +161,7 @@ static METHODS: &[&dyn Method] = &[
     &ram::Ram,
     &ramplus_tl::RamPlusTl,
     &sce::Sce,
+    &multislerp::Multislerp,
     &model_stock::ModelStock,
 ];
 
