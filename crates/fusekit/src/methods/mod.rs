@@ -11,6 +11,7 @@ mod breadcrumbs_ties;
 mod dare_linear;
 mod dare_ties;
 mod gta;
+mod karcher;
 mod linear;
 mod model_stock;
 mod multislerp;
@@ -162,6 +163,7 @@ static METHODS: &[&dyn Method] = &[
     &ramplus_tl::RamPlusTl,
     &sce::Sce,
     &multislerp::Multislerp,
+    &karcher::Karcher,
     &model_stock::ModelStock,
 ];
 
