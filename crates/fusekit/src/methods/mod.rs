@@ -16,6 +16,7 @@ mod linear;
 mod model_stock;
 mod multislerp;
 mod nearswap;
+mod nuslerp;
 mod passthrough;
 mod ram;
 mod ramplus_tl;
@@ -164,6 +165,7 @@ static METHODS: &[&dyn Method] = &[
     &sce::Sce,
     &multislerp::Multislerp,
     &karcher::Karcher,
+    &nuslerp::Nuslerp,
     &model_stock::ModelStock,
 ];
 
