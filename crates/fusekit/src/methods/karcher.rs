@@ -10,7 +10,7 @@
 //! from one statistics pass; `apply` forms Σ cᵢxᵢ element by element.
 
 use super::*;
-use crate::kernels::dot_f64;
+use crate::kernels::gram::{self, Span};
 
 pub struct Karcher;
 
@@ -62,28 +62,6 @@ impl Method for Karcher {
             gram: vec![0.0; n * n],
             coefficients: if n == 1 { vec![1.0] } else { Vec::new() },
         }))
-    }
-}
-
-/// Linear algebra on coefficient vectors over the inputs, through their Gram matrix.
-pub(super) struct Span<'a> {
-    pub n: usize,
-    pub gram: &'a [f64],
-}
-
-impl Span<'_> {
-    pub fn dot(&self, a: &[f64], b: &[f64]) -> f64 {
-        (0..self.n)
-            .map(|i| {
-                a[i] * (0..self.n)
-                    .map(|j| b[j] * self.gram[i * self.n + j])
-                    .sum::<f64>()
-            })
-            .sum()
-    }
-
-    pub fn norm(&self, a: &[f64]) -> f64 {
-        self.dot(a, a).max(0.0).sqrt()
     }
 }
 
@@ -156,16 +134,7 @@ impl TensorMerger for KarcherMerger {
     }
 
     fn observe(&mut self, _pass: usize, _start: usize, inputs: &[&[f32]]) {
-        let n = self.n;
-        for i in 0..n {
-            for j in i..n {
-                let dot = dot_f64(inputs[i], inputs[j]);
-                self.gram[i * n + j] += dot;
-                if i != j {
-                    self.gram[j * n + i] += dot;
-                }
-            }
-        }
+        gram::accumulate(inputs, &mut self.gram);
     }
 
     fn end_pass(&mut self, _pass: usize) -> Result<()> {

@@ -11,7 +11,7 @@
 
 use super::*;
 use crate::error::Error;
-use crate::kernels::dot_f64;
+use crate::kernels::gram::{self, Span};
 
 pub struct Multislerp;
 
@@ -112,19 +112,15 @@ impl MultislerpMerger {
     /// The coefficients of the result over the vᵢ, from the Gram matrix.
     fn solve(&self) -> Result<Vec<f64>> {
         let n = self.models.len();
-        let g = |i: usize, j: usize| self.gram[i * n + j];
-        let quad = |c: &[f64]| {
-            (0..n)
-                .map(|i| (0..n).map(|j| c[i] * c[j] * g(i, j)).sum::<f64>())
-                .sum::<f64>()
-                .max(0.0)
-                .sqrt()
+        let span = Span {
+            n,
+            gram: &self.gram,
         };
-        let norms: Vec<f64> = (0..n).map(|i| g(i, i).max(0.0).sqrt()).collect();
-        // uᵢ = vᵢ/(‖vᵢ‖ + ε) as coefficients over v: unit[i] on vᵢ.
+        let norms: Vec<f64> = (0..n).map(|i| span.norm_of(i)).collect();
+        // uᵢ = vᵢ/(‖vᵢ‖ + ε): coefficient unit[i] on vᵢ.
         let unit: Vec<f64> = norms.iter().map(|nm| 1.0 / (nm + self.eps)).collect();
         let mean: Vec<f64> = (0..n).map(|i| self.weights[i] * unit[i]).collect();
-        let mean_norm = quad(&mean);
+        let mean_norm = span.norm(&mean);
         if mean_norm < self.eps {
             if n == 2 {
                 return Ok(self.weights.clone());
@@ -132,13 +128,15 @@ impl MultislerpMerger {
             return Err(Error::tensor(&self.name, "multislerp: the weighted mean of the unit vectors is zero (antipodal models with balancing weights)"));
         }
         let m_hat: Vec<f64> = mean.iter().map(|c| c / mean_norm).collect();
-        // uᵢ·m̂ = unit[i] Σⱼ m̂ⱼ Gᵢⱼ
-        let dots: Vec<f64> = (0..n)
-            .map(|i| unit[i] * (0..n).map(|j| m_hat[j] * g(i, j)).sum::<f64>())
-            .collect();
-        let weighted_dot: f64 = (0..n).map(|i| self.weights[i] * dots[i]).sum();
+        let weighted_dot: f64 = (0..n)
+            .map(|i| {
+                let mut u = vec![0.0; n];
+                u[i] = unit[i];
+                self.weights[i] * span.dot(&u, &m_hat)
+            })
+            .sum();
         let tangent: Vec<f64> = (0..n).map(|i| mean[i] - weighted_dot * m_hat[i]).collect();
-        let tangent_norm = quad(&tangent) + self.eps;
+        let tangent_norm = span.norm(&tangent) + self.eps;
         let scale: f64 = (0..n).map(|i| norms[i] * self.weights[i]).sum();
         Ok((0..n)
             .map(|i| {
@@ -156,17 +154,12 @@ impl TensorMerger for MultislerpMerger {
     }
 
     fn observe(&mut self, _pass: usize, _start: usize, inputs: &[&[f32]]) {
-        let n = self.models.len();
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        for i in 0..n {
-            for j in i..n {
-                let dot = dot_f64(self.delta(inputs, i, &mut a), self.delta(inputs, j, &mut b));
-                self.gram[i * n + j] += dot;
-                if i != j {
-                    self.gram[j * n + i] += dot;
-                }
-            }
-        }
+        let mut scratch = Vec::new();
+        let deltas: Vec<Vec<f32>> = (0..self.models.len())
+            .map(|i| self.delta(inputs, i, &mut scratch).to_vec())
+            .collect();
+        let views: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+        gram::accumulate(&views, &mut self.gram);
     }
 
     fn end_pass(&mut self, _pass: usize) -> Result<()> {
