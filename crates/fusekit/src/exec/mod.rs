@@ -168,6 +168,8 @@ fn merge_tensor(
         params: &merge.params,
         rng_keys: &merge.rng_keys,
         compute: cast,
+        // Output chunks take half the share (`write_output`), statistics the other half.
+        memory: share / 2,
     };
     let mut merger = plan.method.merger(&ctx)?;
     let inputs = Inputs(&inputs);

@@ -62,7 +62,8 @@ enum Stage {
         hi: u32,
         above: usize,
         inside: Vec<u32>,
-        index: Vec<usize>,
+        /// Element indices (u32: larger tensors skip the window, see `new`).
+        index: Vec<u32>,
         bits: Vec<u32>,
         at: Vec<u32>,
     },
@@ -88,6 +89,9 @@ pub struct TopK {
     k: usize,
     n: usize,
     stage: Stage,
+    /// Most window candidates kept in memory; a window that would hold more (wide tie groups
+    /// in bf16 data) gives way to the histogram passes, whose memory is fixed.
+    max_candidates: usize,
 }
 
 impl TopK {
@@ -96,13 +100,27 @@ impl TopK {
             Stage::Done(Keep::NONE)
         } else if k >= n {
             Stage::Done(Keep::ALL)
+        } else if n > u32::MAX as usize {
+            // Window candidates carry u32 indices; beyond that the histograms serve alone.
+            Stage::Coarse { counts: vec![0; BUCKETS] }
         } else {
             Stage::Sample {
                 stride: n.div_ceil(BLOCK).div_ceil(SAMPLE_BLOCKS),
                 values: Vec::with_capacity((SAMPLE_BLOCKS * BLOCK).min(n)),
             }
         };
-        TopK { k, n, stage }
+        TopK {
+            k,
+            n,
+            stage,
+            max_candidates: usize::MAX,
+        }
+    }
+
+    /// Bounds the memory of the window pass to about `bytes`.
+    pub fn with_memory(mut self, bytes: usize) -> TopK {
+        self.max_candidates = (bytes / 8).max(BLOCK);
+        self
     }
 
     /// Whether the next pass needs the block starting at `start` (the sample reads few blocks).
@@ -142,8 +160,14 @@ impl TopK {
             } => {
                 let (count, found) = window_scan(x, base, *lo, *hi, bits, at);
                 *above += count;
-                inside.extend_from_slice(&bits[..found]);
-                index.extend(at[..found].iter().map(|&j| start + j as usize));
+                if inside.len() + found > self.max_candidates {
+                    // Too crowded to hold: the histogram passes take over after this pass.
+                    (*lo, *hi) = (u32::MAX, 0);
+                    (*inside, *index) = (Vec::new(), Vec::new());
+                } else if *lo <= *hi {
+                    inside.extend_from_slice(&bits[..found]);
+                    index.extend(at[..found].iter().map(|&j| start as u32 + j));
+                }
             }
             Stage::Coarse { counts } => {
                 (0..x.len()).for_each(|j| counts[(bits_at(j) >> 16) as usize] += 1)
@@ -214,6 +238,7 @@ impl TopK {
                 index,
                 ..
             } => {
+                if std::env::var_os("FK_DEBUG").is_some() { eprintln!("window n={n} k={k} above={above} inside={} cap={}", inside.len(), self.max_candidates); }
                 if above < k && k <= above + inside.len() {
                     // The k-th value, then the equal elements to keep: candidates are in index order.
                     let mut sorted = inside.clone();
@@ -225,7 +250,7 @@ impl TopK {
                         .zip(&index)
                         .filter(|(&b, _)| b == bits)
                         .nth(take - 1)
-                        .map(|(_, &i)| i);
+                        .map(|(_, &i)| i as usize);
                     Stage::Done(Keep {
                         bits,
                         cutoff: last.expect("take ≤ equal candidates") + 1,
@@ -461,6 +486,36 @@ mod tests {
             .map(|i| ((i as f32) * 0.618).sin())
             .collect();
         check(&smooth, &[3, 20_000, 100_001]);
+    }
+
+    #[test]
+    fn crowded_window_gives_way_to_histograms() {
+        // Few distinct magnitudes put a wide tie group in the window; a small memory bound makes
+        // the search drop it and still find the exact answer.
+        let values: Vec<f32> = (0..300_000u64)
+            .map(|i| (((i * 2654435761) >> 7) % 41) as f32 - 20.0)
+            .collect();
+        for k in [7, 150_000] {
+            let mut search = TopK::new(k, values.len()).with_memory(0);
+            let zeros = vec![0f32; BLOCK];
+            let mut passes = 0;
+            while search.result().is_none() {
+                for start in (0..values.len()).step_by(BLOCK) {
+                    let x = &values[start..(start + BLOCK).min(values.len())];
+                    search.observe(start, x, &zeros[..x.len()]);
+                }
+                search.end_pass();
+                passes += 1;
+            }
+            let t = search.result().unwrap();
+            let keep: Vec<bool> = values
+                .iter()
+                .enumerate()
+                .map(|(i, x)| t.keeps(i, magnitude_bits(*x)))
+                .collect();
+            assert_eq!(keep, reference_keep(&values, k), "k={k}");
+            assert!(passes > 2, "k={k}: fallback expected");
+        }
     }
 
     #[test]

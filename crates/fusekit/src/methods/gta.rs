@@ -163,8 +163,9 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
             }
             _ => (None, None),
         };
-        let search = keep_count.map(|k| TopK::new(k, n));
-        let drop_search = drop_count.map(|k| TopK::new(k, n));
+        let memory = ctx.memory / (2 * ctx.n_inputs.max(1));
+        let search = keep_count.map(|k| TopK::new(k, n).with_memory(memory));
+        let drop_search = drop_count.map(|k| TopK::new(k, n).with_memory(memory));
         models.push(Model {
             input,
             weight: round_as(

@@ -135,6 +135,7 @@ mod tests {
             params: &p,
             rng_keys: &[0, 0],
             compute: None,
+            memory: 1 << 30,
         };
         let err = Linear.merger(&ctx).err().unwrap().to_string();
         assert!(err.contains("`w`") && err.contains("sum to zero"), "{err}");

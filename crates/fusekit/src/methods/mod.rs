@@ -120,6 +120,8 @@ pub struct TensorContext<'a> {
     /// The config's compute dtype when narrower than f32: values mergekit converts into it (the
     /// per-model weights, their sums) are rounded to it.
     pub compute: Option<crate::dtype::Dtype>,
+    /// Bytes of working memory this tensor's statistics may hold (a share of the budget).
+    pub memory: usize,
 }
 
 /// How many statistics passes a method may ask for.
@@ -203,6 +205,7 @@ pub(crate) mod testing {
             params: &params,
             rng_keys: &keys,
             compute: None,
+            memory: 1 << 30,
         };
         run_ctx(method, inputs, &ctx)
     }

@@ -212,6 +212,7 @@ mod tests {
             params: &p,
             rng_keys: &keys,
             compute: None,
+            memory: 1 << 30,
         };
         let out = run_ctx(&ModelStock, &inputs, &ctx);
         let row_len = if filter_wise && shape.len() >= 2 {

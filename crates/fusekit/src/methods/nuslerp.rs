@@ -226,6 +226,7 @@ mod tests {
             params: &p,
             rng_keys: &keys,
             compute: None,
+            memory: 1 << 30,
         };
         let out = run_ctx(&Nuslerp, &[a.clone(), b.clone()], &ctx);
         let t = 0.75;

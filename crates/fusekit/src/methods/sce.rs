@@ -62,6 +62,7 @@ struct SceMerger {
     keep: Keep,
     energy: Vec<f64>,
     weights: Vec<f32>,
+    memory: usize,
 }
 
 impl Method for Sce {
@@ -91,6 +92,7 @@ impl Method for Sce {
             keep,
             energy: vec![0.0; n],
             weights: vec![0.0; n],
+            memory: ctx.memory,
         }))
     }
 }
@@ -163,7 +165,7 @@ impl TensorMerger for SceMerger {
         self.stage = match std::mem::replace(&mut self.stage, Stage::Ready) {
             Stage::CountVarying => {
                 let k = (self.varying as f64 * self.select) as usize;
-                let search = TopK::new(k, self.numel);
+                let search = TopK::new(k, self.numel).with_memory(self.memory);
                 match search.result() {
                     Some(keep) => {
                         self.keep = keep;
