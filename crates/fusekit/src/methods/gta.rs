@@ -163,7 +163,14 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
             }
             _ => (None, None),
         };
-        let memory = ctx.memory / (2 * ctx.n_inputs.max(1));
+        // The statistics memory is split over every search this tensor runs.
+        let searches = (ctx.n_inputs - 1).max(1)
+            * if variant.sparsify == Sparsify::Outliers {
+                2
+            } else {
+                1
+            };
+        let memory = ctx.memory / searches;
         let search = keep_count.map(|k| TopK::new(k, n).with_memory(memory));
         let drop_search = drop_count.map(|k| TopK::new(k, n).with_memory(memory));
         models.push(Model {
