@@ -47,7 +47,7 @@ static SPEC: MethodSpec = MethodSpec {
 
 enum Stage {
     CountVarying,
-    Select(TopK),
+    Select(Box<TopK>),
     Weigh,
     Ready,
 }
@@ -165,7 +165,7 @@ impl TensorMerger for SceMerger {
         self.stage = match std::mem::replace(&mut self.stage, Stage::Ready) {
             Stage::CountVarying => {
                 let k = (self.varying as f64 * self.select) as usize;
-                let search = TopK::new(k, self.numel).with_memory(self.memory);
+                let search = Box::new(TopK::new(k, self.numel).with_memory(self.memory));
                 match search.result() {
                     Some(keep) => {
                         self.keep = keep;
