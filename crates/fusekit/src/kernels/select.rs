@@ -496,8 +496,12 @@ pub fn top_k(values: &[f32], k: usize, block: usize) -> Keep {
 
 /// The answer and how many passes it took.
 fn top_k_passes(values: &[f32], k: usize, block: usize) -> (Keep, usize) {
+    run_search(TopK::new(k, values.len()), values, block)
+}
+
+/// Feeds `values` to `search` pass after pass until it has an answer.
+fn run_search(mut search: TopK, values: &[f32], block: usize) -> (Keep, usize) {
     let zeros = vec![0f32; block];
-    let mut search = TopK::new(k, values.len());
     let mut passes = 0;
     while search.result().is_none() {
         for start in (0..values.len()).step_by(block) {
@@ -585,18 +589,7 @@ mod tests {
             .map(|i| (((i * 2654435761) >> 7) % 41) as f32 - 20.0)
             .collect();
         for k in [7, 150_000] {
-            let mut search = TopK::new(k, values.len()).with_memory(0);
-            let zeros = vec![0f32; BLOCK];
-            let mut passes = 0;
-            while search.result().is_none() {
-                for start in (0..values.len()).step_by(BLOCK) {
-                    let x = &values[start..(start + BLOCK).min(values.len())];
-                    search.observe(start, x, &zeros[..x.len()]);
-                }
-                search.end_pass();
-                passes += 1;
-            }
-            let t = search.result().unwrap();
+            let (t, passes) = run_search(TopK::new(k, values.len()).with_memory(0), &values, BLOCK);
             let keep: Vec<bool> = values
                 .iter()
                 .enumerate()

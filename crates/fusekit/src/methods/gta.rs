@@ -81,18 +81,21 @@ macro_rules! gta_params {
                 default: Some(Default::Float(1.0)),
                 doc: "scale of the merged task vector",
             },
-            ParamSpec {
-                name: "int8_mask",
-                scope: Scope::Global,
-                ty: ParamType::Bool,
-                default: Some(Default::Bool(false)),
-                doc: "accepted for compatibility; masks are exact either way",
-            },
+            super::gta::INT8_MASK,
             $($extra,)*
         ]
     };
 }
 pub(crate) use gta_params;
+
+/// mergekit's `int8_mask`: only the storage of its masks; fusekit's masks are exact either way.
+pub(super) const INT8_MASK: ParamSpec = ParamSpec {
+    name: "int8_mask",
+    scope: Scope::Global,
+    ty: ParamType::Bool,
+    default: Some(Default::Bool(false)),
+    doc: "accepted for compatibility; masks are exact either way",
+};
 
 struct Model {
     input: usize,
