@@ -141,10 +141,20 @@ impl TensorMerger for ModelStockMerger {
     fn apply(&self, start: usize, inputs: &[&[f32]], out: &mut [f32]) {
         let base = inputs[self.base];
         let count = self.models.len() as f32;
-        for (j, o) in out.iter_mut().enumerate() {
-            let t = self.t[(start + j) / self.row_len];
-            let sum = self.models.iter().fold(0.0f32, |s, &m| s + inputs[m][j]);
-            *o = t * (sum / count) + (1.0 - t) * base[j];
+        // Σ models in input order, then the mean, as mergekit's `sum(ws) / count`.
+        out.fill(0.0);
+        for &m in &self.models {
+            out.iter_mut().zip(inputs[m]).for_each(|(o, x)| *o += x);
+        }
+        let mut j = 0;
+        while j < out.len() {
+            let row = (start + j) / self.row_len;
+            let end = out.len().min((row + 1) * self.row_len - start);
+            let t = self.t[row];
+            for (o, &b) in out[j..end].iter_mut().zip(&base[j..end]) {
+                *o = t * (*o / count) + (1.0 - t) * b;
+            }
+            j = end;
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use super::*;
 use crate::error::Error;
+use crate::kernels::dot_f64;
 
 pub struct Nuslerp;
 
@@ -129,13 +130,42 @@ impl Method for Nuslerp {
 }
 
 impl NuslerpMerger {
-    /// The pair's (base-relative) values at element j of a block.
-    fn pair_at(&self, inputs: &[&[f32]], j: usize) -> (f32, f32) {
-        let base = self.base.map_or(0.0, |b| inputs[b][j]);
-        (
-            inputs[self.pair[0]][j] - base,
-            inputs[self.pair[1]][j] - base,
-        )
+    /// The pair's (base-relative) values over one block.
+    fn relative_pair(&self, inputs: &[&[f32]]) -> (Vec<f32>, Vec<f32>) {
+        let relative = |m: usize| -> Vec<f32> {
+            match self.base {
+                Some(b) => inputs[m]
+                    .iter()
+                    .zip(inputs[b])
+                    .map(|(x, y)| x - y)
+                    .collect(),
+                None => inputs[m].to_vec(),
+            }
+        };
+        (relative(self.pair[0]), relative(self.pair[1]))
+    }
+
+    /// The block's runs of elements that share a vector (whole tensor or rows), as
+    /// (vector, range within the block).
+    fn segments(
+        &self,
+        start: usize,
+        len: usize,
+    ) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + '_ {
+        let mut j = 0;
+        std::iter::from_fn(move || {
+            if j >= len {
+                return None;
+            }
+            let group = self.grouping.of(start + j);
+            let end = match self.grouping {
+                Grouping::Runs(run) => len.min((group + 1) * run - start),
+                _ => len,
+            };
+            let segment = (group, j..end);
+            j = end;
+            Some(segment)
+        })
     }
 }
 
@@ -145,13 +175,27 @@ impl TensorMerger for NuslerpMerger {
     }
 
     fn observe(&mut self, _pass: usize, start: usize, inputs: &[&[f32]]) {
-        for j in 0..inputs[0].len() {
-            let (a, b) = self.pair_at(inputs, j);
-            let (a, b) = (a as f64, b as f64);
-            let s = &mut self.sums[self.grouping.of(start + j)];
-            s[0] += a * a;
-            s[1] += b * b;
-            s[2] += a * b;
+        let (a, b) = self.relative_pair(inputs);
+        match self.grouping {
+            Grouping::Strided(_) => {
+                for j in 0..a.len() {
+                    let (x, y) = (a[j] as f64, b[j] as f64);
+                    let s = &mut self.sums[self.grouping.of(start + j)];
+                    s[0] += x * x;
+                    s[1] += y * y;
+                    s[2] += x * y;
+                }
+            }
+            _ => {
+                let segments: Vec<_> = self.segments(start, a.len()).collect();
+                for (group, range) in segments {
+                    let (x, y) = (&a[range.clone()], &b[range]);
+                    let s = &mut self.sums[group];
+                    s[0] += dot_f64(x, x);
+                    s[1] += dot_f64(y, y);
+                    s[2] += dot_f64(x, y);
+                }
+            }
         }
     }
 
@@ -177,10 +221,29 @@ impl TensorMerger for NuslerpMerger {
     }
 
     fn apply(&self, start: usize, inputs: &[&[f32]], out: &mut [f32]) {
-        for (j, o) in out.iter_mut().enumerate() {
-            let (a, b) = self.pair_at(inputs, j);
-            let [ca, cb] = self.coefficients[self.grouping.of(start + j)];
-            *o = ca * a + cb * b + self.base.map_or(0.0, |i| inputs[i][j]);
+        let (a, b) = self.relative_pair(inputs);
+        match self.grouping {
+            Grouping::Strided(_) => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    let [ca, cb] = self.coefficients[self.grouping.of(start + j)];
+                    *o = ca * a[j] + cb * b[j];
+                }
+            }
+            _ => {
+                for (group, range) in self.segments(start, a.len()) {
+                    let [ca, cb] = self.coefficients[group];
+                    for ((o, x), y) in out[range.clone()]
+                        .iter_mut()
+                        .zip(&a[range.clone()])
+                        .zip(&b[range])
+                    {
+                        *o = ca * x + cb * y;
+                    }
+                }
+            }
+        }
+        if let Some(base) = self.base {
+            out.iter_mut().zip(inputs[base]).for_each(|(o, x)| *o += x);
         }
     }
 }
