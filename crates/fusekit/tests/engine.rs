@@ -13,9 +13,14 @@ const TIES: &str = "merge_method: ties\nbase_model: ./base\nmodels:\n  - model: 
 const DARE: &str = "merge_method: dare_ties\nbase_model: ./base\nmodels:\n  - model: ./ft1\n    parameters: {density: 0.3, weight: 1.0}\n  - model: ./ft2\n    parameters: {density: 0.6, weight: 0.5}\n";
 
 fn three_models(dir: &Path, family: Family, dtype: Dtype) {
-    make(&dir.join("base"), family, dtype, 1, None);
-    make(&dir.join("ft1"), family, dtype, 1, Some((2, 0.01)));
-    make(&dir.join("ft2"), family, dtype, 1, Some((3, 0.01)));
+    three_models_of(dir, ModelSpec::tiny(family, dtype, 1));
+}
+
+/// `base`, and fine-tunes `ft1` and `ft2` of it, from one model shape.
+fn three_models_of(dir: &Path, base: ModelSpec) {
+    write_model(&base, &dir.join("base")).unwrap();
+    write_model(&base.clone().finetuned(2, 0.01), &dir.join("ft1")).unwrap();
+    write_model(&base.finetuned(3, 0.01), &dir.join("ft2")).unwrap();
 }
 
 fn shard_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -96,18 +101,9 @@ fn sampled_window_ties_is_independent_of_budget() {
     // Tensors of 32+ blocks take the sampled-window top-k; a large budget computes each tensor's
     // output in one chunk, a tiny one in many: the bytes must agree.
     let dir = tempfile::tempdir().unwrap();
-    for (name, ft) in [
-        ("base", None),
-        ("ft1", Some((2, 0.01))),
-        ("ft2", Some((3, 0.01))),
-    ] {
-        let mut spec = ModelSpec::tiny(Family::Llama, Dtype::BF16, 1);
-        (spec.hidden, spec.intermediate, spec.vocab, spec.layers) = (256, 512, 600, 2);
-        if let Some((s, scale)) = ft {
-            spec = spec.finetuned(s, scale);
-        }
-        write_model(&spec, &dir.path().join(name)).unwrap();
-    }
+    let mut spec = ModelSpec::tiny(Family::Llama, Dtype::BF16, 1);
+    (spec.hidden, spec.intermediate, spec.vocab, spec.layers) = (256, 512, 600, 2);
+    three_models_of(dir.path(), spec);
     merge_yaml(
         dir.path(),
         TIES,
@@ -131,18 +127,9 @@ fn sampled_window_ties_is_independent_of_budget() {
 #[test]
 fn shards_in_and_out_with_index() {
     let dir = tempfile::tempdir().unwrap();
-    for (name, seed, ft) in [
-        ("base", 1, None),
-        ("ft1", 1, Some((2, 0.01))),
-        ("ft2", 1, Some((3, 0.01))),
-    ] {
-        let mut spec = ModelSpec::tiny(Family::Llama, Dtype::BF16, seed);
-        spec.max_shard_bytes = 20_000;
-        if let Some((s, scale)) = ft {
-            spec = spec.finetuned(s, scale);
-        }
-        write_model(&spec, &dir.path().join(name)).unwrap();
-    }
+    let mut spec = ModelSpec::tiny(Family::Llama, Dtype::BF16, 1);
+    spec.max_shard_bytes = 20_000;
+    three_models_of(dir.path(), spec);
     assert!(dir
         .path()
         .join("base/model.safetensors.index.json")
