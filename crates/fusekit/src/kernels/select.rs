@@ -489,34 +489,34 @@ fn kth_bucket(counts: &[usize], k: usize) -> (usize, usize) {
     (0, above)
 }
 
-/// Runs the whole search over an in-memory slice (tests and small data).
-pub fn top_k(values: &[f32], k: usize, block: usize) -> Keep {
-    top_k_passes(values, k, block).0
-}
-
-/// The answer and how many passes it took.
-fn top_k_passes(values: &[f32], k: usize, block: usize) -> (Keep, usize) {
-    run_search(TopK::new(k, values.len()), values, block)
-}
-
-/// Feeds `values` to `search` pass after pass until it has an answer.
-fn run_search(mut search: TopK, values: &[f32], block: usize) -> (Keep, usize) {
-    let zeros = vec![0f32; block];
-    let mut passes = 0;
-    while search.result().is_none() {
-        for start in (0..values.len()).step_by(block) {
-            let x = &values[start..(start + block).min(values.len())];
-            search.observe(start, x, &zeros[..x.len()]);
-        }
-        search.end_pass();
-        passes += 1;
-    }
-    (search.result().expect("loop ends when done"), passes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs the whole search over an in-memory slice.
+    fn top_k(values: &[f32], k: usize, block: usize) -> Keep {
+        top_k_passes(values, k, block).0
+    }
+
+    /// The answer and how many passes it took.
+    fn top_k_passes(values: &[f32], k: usize, block: usize) -> (Keep, usize) {
+        run_search(TopK::new(k, values.len()), values, block)
+    }
+
+    /// Feeds `values` to `search` pass after pass until it has an answer.
+    fn run_search(mut search: TopK, values: &[f32], block: usize) -> (Keep, usize) {
+        let zeros = vec![0f32; block];
+        let mut passes = 0;
+        while search.result().is_none() {
+            for start in (0..values.len()).step_by(block) {
+                let x = &values[start..(start + block).min(values.len())];
+                search.observe(start, x, &zeros[..x.len()]);
+            }
+            search.end_pass();
+            passes += 1;
+        }
+        (search.result().expect("loop ends when done"), passes)
+    }
 
     fn reference_keep(values: &[f32], k: usize) -> Vec<bool> {
         let mut order: Vec<usize> = (0..values.len()).collect();

@@ -17,7 +17,6 @@ static SPEC: MethodSpec = MethodSpec {
     base: BasePolicy::Required,
     min_inputs: 1,
     max_inputs: None,
-    uses_rng: true,
 };
 
 impl Method for DareLinear {

@@ -34,7 +34,6 @@ static SPEC: MethodSpec = MethodSpec {
     base: BasePolicy::Unused,
     min_inputs: 1,
     max_inputs: None,
-    uses_rng: false,
 };
 
 struct LinearMerger {

@@ -79,7 +79,6 @@ pub struct MethodSpec {
     pub base: BasePolicy,
     pub min_inputs: usize,
     pub max_inputs: Option<usize>,
-    pub uses_rng: bool,
 }
 
 /// Parameter values resolved for one output tensor.

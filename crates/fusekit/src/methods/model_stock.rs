@@ -27,7 +27,6 @@ static SPEC: MethodSpec = MethodSpec {
     base: BasePolicy::Required,
     min_inputs: 3,
     max_inputs: None,
-    uses_rng: false,
 };
 
 struct ModelStockMerger {

@@ -45,7 +45,6 @@ static SPEC: MethodSpec = MethodSpec {
     base: BasePolicy::Optional,
     min_inputs: 1,
     max_inputs: None,
-    uses_rng: false,
 };
 
 struct MultislerpMerger {

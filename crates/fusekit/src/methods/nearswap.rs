@@ -24,7 +24,6 @@ static SPEC: MethodSpec = MethodSpec {
     base: BasePolicy::Required,
     min_inputs: 2,
     max_inputs: Some(2),
-    uses_rng: false,
 };
 
 /// Distances are floored here before dividing, as mergekit does.

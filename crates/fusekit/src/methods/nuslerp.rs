@@ -44,7 +44,6 @@ static SPEC: MethodSpec = MethodSpec {
     base: BasePolicy::Optional,
     min_inputs: 2,
     max_inputs: Some(3),
-    uses_rng: false,
 };
 
 /// How elements group into the vectors being interpolated.

@@ -19,7 +19,6 @@ static SPEC: MethodSpec = MethodSpec {
     base: BasePolicy::Optional,
     min_inputs: 1,
     max_inputs: Some(1),
-    uses_rng: false,
 };
 
 struct PassthroughMerger {

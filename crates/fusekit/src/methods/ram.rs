@@ -27,7 +27,6 @@ static SPEC: MethodSpec = MethodSpec {
     base: BasePolicy::Required,
     min_inputs: 1,
     max_inputs: None,
-    uses_rng: false,
 };
 
 /// `ramplus_tl`'s per-model rescale of unique entries: λᵢ = 1 + r·clamp(ρᵢ, 0, α) with

@@ -33,7 +33,6 @@ static SPEC: MethodSpec = MethodSpec {
     base: BasePolicy::Required,
     min_inputs: 1,
     max_inputs: None,
-    uses_rng: false,
 };
 
 impl Method for RamPlusTl {

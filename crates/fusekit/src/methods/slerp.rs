@@ -26,7 +26,6 @@ static SPEC: MethodSpec = MethodSpec {
     base: BasePolicy::Required,
     min_inputs: 2,
     max_inputs: Some(2),
-    uses_rng: false,
 };
 
 const DOT_THRESHOLD: f64 = 0.9995;
