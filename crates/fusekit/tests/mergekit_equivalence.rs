@@ -164,6 +164,7 @@ fn run_case(case: &serde_json::Value) -> Report {
         elements: 0,
     };
     let statistical = case["compare"] == "statistical";
+    let mask = case["compare"] == "mask";
     // Where a coefficient comes from a whole-tensor (or whole-row) f32 reduction in mergekit and
     // an f64 one here (model_stock's cosines), the coefficient differs by mergekit's summation
     // error, up to ~1e-6 relative: 16 ulps at the operands' magnitude instead of 4.
@@ -174,7 +175,7 @@ fn run_case(case: &serde_json::Value) -> Report {
     };
     let method = plan.method.spec().name;
     let is_ties = elects_signs(method) || !selection_edges(method, 0.5, 0.01, 100).is_empty();
-    let base = statistical.then(|| load_model(&dir.path().join("base")));
+    let base = (statistical || mask).then(|| load_model(&dir.path().join("base")));
     let inputs: Vec<_> = case["models"]
         .as_object()
         .unwrap()
@@ -193,6 +194,22 @@ fn run_case(case: &serde_json::Value) -> Report {
             continue;
         }
         report.elements += a.values.len();
+        if mask {
+            let other = &inputs[1][tensor];
+            let max_flips = case["max_flips"].as_f64().unwrap_or(0.01);
+            let flips = compare_mask(
+                name,
+                max_flips,
+                tensor,
+                &base.as_ref().unwrap()[tensor],
+                other,
+                a,
+                b,
+            );
+            report.tie_mismatches += flips;
+            report.ties += flips;
+            continue;
+        }
         if let Some(base) = &base {
             compare_dare(name, tensor, &base[tensor].values, &a.values, &b.values);
             continue;
@@ -243,6 +260,53 @@ fn run_case(case: &serde_json::Value) -> Report {
         report.elements
     );
     report
+}
+
+/// A masked merge (Arcee Fusion) takes each element from the base or the other model (mergekit:
+/// base + the task vector rounded to the compute dtype, so within a few ulps of the other
+/// model). The two may choose differently only where their roundings put an importance on
+/// different sides of the threshold; returns how many elements that is (at most `max_flips` of the
+/// tensor). The shares of elements taken from the model must agree as closely.
+fn compare_mask(
+    name: &str,
+    max_flips: f64,
+    tensor: &str,
+    base: &Loaded,
+    other: &Loaded,
+    ours: &Loaded,
+    theirs: &Loaded,
+) -> usize {
+    let (mut flips, mut taken) = (0, [0i64; 2]);
+    for (i, (x, y)) in ours.values.iter().zip(&theirs.values).enumerate() {
+        let (b, o) = (base.values[i], other.values[i]);
+        let tolerance = 4.0 * ulp_at(ours.dtype, b.abs().max(o.abs()));
+        let source = |v: f32| {
+            if (v - b).abs() <= tolerance {
+                Some(0)
+            } else if (v - o).abs() <= tolerance {
+                Some(1)
+            } else {
+                None
+            }
+        };
+        let (mine, reference) = (source(*x), source(*y));
+        assert!(
+            mine.is_some() && reference.is_some(),
+            "{name}: `{tensor}`[{i}] = {x} (fusekit) vs {y} (mergekit): base {b}, model {o}"
+        );
+        flips += (mine != reference) as usize;
+        taken[0] += (mine == Some(1)) as i64;
+        taken[1] += (reference == Some(1)) as i64;
+    }
+    let n = ours.values.len() as f64;
+    assert!(
+        flips as f64 <= max_flips * n && (taken[0] - taken[1]).abs() as f64 <= max_flips * n,
+        "{name}: `{tensor}`: {flips} of {n} elements on the other side of the threshold; \
+         {} (fusekit) vs {} (mergekit) taken from the model",
+        taken[0],
+        taken[1]
+    );
+    flips
 }
 
 /// DARE draws its masks from different random streams than torch, so compare what the method

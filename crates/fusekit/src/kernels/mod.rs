@@ -3,6 +3,9 @@
 
 pub mod convert;
 pub mod gram;
+pub mod magprune;
+pub mod quantile;
+pub mod rows;
 pub mod select;
 pub mod task_vectors;
 

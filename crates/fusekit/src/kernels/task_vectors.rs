@@ -72,6 +72,23 @@ pub fn random_delta(
     }
 }
 
+/// out = (x − base)·scale·weight where bit `start + j` of `bits` is set, else 0.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+pub fn bitmask_delta(
+    start: usize,
+    bits: &[u64],
+    x: &[f32],
+    base: &[f32],
+    factor: Factor,
+    out: &mut [f32],
+) {
+    for (j, ((o, &v), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
+        let index = start + j;
+        let kept = bits[index / 64] >> (index % 64) & 1 == 1;
+        *o = if kept { factor.of(v - b) } else { 0.0 };
+    }
+}
+
 /// TIES disjoint merge of one model: adds its weighted delta `d` and weight where the delta's
 /// sign agrees with the elected sign of `sums` (≥ 0 counts as +; zero deltas never agree).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]

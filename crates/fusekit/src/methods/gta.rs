@@ -21,6 +21,8 @@ use super::*;
 use crate::dtype::Dtype;
 use crate::error::Error;
 use crate::kernels::convert::{round_slice, round_to};
+use crate::kernels::magprune::MagPrune;
+use crate::kernels::rows::row_length;
 use crate::kernels::select::{Keep, TopK};
 use crate::kernels::task_vectors::{self, Factor};
 use crate::rng::{keep_threshold, Draws};
@@ -34,6 +36,8 @@ pub enum Sparsify {
     Outliers,
     /// Keep each element with probability `density` (DARE).
     Random,
+    /// Keep with a probability that grows with the magnitude's rank in its row (DELLA).
+    RankedRandom,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +113,9 @@ struct Model {
     keep: Keep,
     drop_search: Option<TopK>,
     drop: Keep,
+    /// Rank-based random masks (DELLA): the builder while running, then its bits.
+    prune: Option<MagPrune>,
+    bits: Option<Vec<u64>>,
     /// ‖δ‖₁ and ‖mask ⊙ δ‖₁.
     l1: [f64; 2],
     scale: f32,
@@ -145,6 +152,12 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
         }
         let sparse = density < 1.0;
         let n = ctx.numel;
+        // DELLA: density 0 keeps nothing (an empty mask, no pass).
+        let (prune, bits) = match variant.sparsify {
+            Sparsify::RankedRandom if density <= 0.0 => (None, Some(vec![0; n.div_ceil(64)])),
+            Sparsify::RankedRandom if sparse => (Some(magprune(ctx, input, density)?), None),
+            _ => (None, None),
+        };
         let (keep_count, drop_count) = match variant.sparsify {
             // TIES: the top k = max(1, ⌊density·n⌋), none at all for density 0.
             Sparsify::Magnitude if sparse => (
@@ -192,6 +205,8 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
                 .and_then(TopK::result)
                 .unwrap_or(Keep::NONE),
             drop_search: drop_search.filter(|s| s.result().is_none()),
+            prune,
+            bits,
             l1: [0.0; 2],
             scale: 1.0,
         });
@@ -199,7 +214,7 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
     let weight_sum = round_as(ctx.compute, models.iter().map(|m| m.weight).sum());
     let sparse = models
         .iter()
-        .any(|m| m.keep_below.is_some() || m.searching() || !m.keeps_all());
+        .any(|m| m.keep_below.is_some() || m.bits.is_some() || m.searching() || !m.keeps_all());
     Ok(Box::new(GtaMerger {
         variant,
         base,
@@ -217,6 +232,25 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
     }))
 }
 
+/// DELLA's mask builder for one model, after mergekit's check that density ± ε lies in (0, 1).
+fn magprune(ctx: &TensorContext, input: usize, density: f64) -> Result<MagPrune> {
+    let epsilon = ctx.params.input_float(input, "epsilon").unwrap_or(0.15);
+    if !(epsilon >= 0.0 && density - epsilon > 0.0 && density + epsilon < 1.0) {
+        return Err(Error::tensor(
+            ctx.name,
+            format!("epsilon {epsilon} must keep density {density} ± epsilon inside (0, 1)"),
+        ));
+    }
+    let row_len = row_length(ctx.shape, ctx.numel);
+    Ok(MagPrune::new(
+        ctx.numel,
+        row_len,
+        density,
+        epsilon,
+        ctx.rng_keys[input],
+    ))
+}
+
 fn round_as(dtype: Option<Dtype>, x: f32) -> f32 {
     dtype.map_or(x, |d| round_to(d, x))
 }
@@ -224,7 +258,9 @@ fn round_as(dtype: Option<Dtype>, x: f32) -> f32 {
 impl Model {
     /// Writes mask ⊙ δ · factor for one block (`Factor::ONE` for the L1 norms).
     fn masked_delta(&self, start: usize, x: &[f32], base: &[f32], factor: Factor, out: &mut [f32]) {
-        if let Some(below) = self.keep_below {
+        if let Some(bits) = &self.bits {
+            task_vectors::bitmask_delta(start, bits, x, base, factor, out);
+        } else if let Some(below) = self.keep_below {
             let draws = Draws::at(self.key, start as u64);
             task_vectors::random_delta(start, draws, below, x, base, factor, out);
         } else if self.keeps_all() {
@@ -235,11 +271,12 @@ impl Model {
     }
 
     fn keeps_all(&self) -> bool {
-        self.keep == Keep::ALL && self.drop == Keep::NONE
+        self.keep == Keep::ALL && self.drop == Keep::NONE && self.bits.is_none()
     }
 
+    /// Whether a mask is still being built (a top-k search or a DELLA mask).
     fn searching(&self) -> bool {
-        self.search.is_some() || self.drop_search.is_some()
+        self.search.is_some() || self.drop_search.is_some() || self.prune.is_some()
     }
 
     fn searches(&mut self) -> impl Iterator<Item = &mut TopK> {
@@ -267,6 +304,9 @@ impl TensorMerger for GtaMerger {
             for m in &mut self.models {
                 let x = inputs[m.input];
                 m.searches().for_each(|s| s.observe(start, x, base));
+                if let Some(prune) = &mut m.prune {
+                    prune.observe(x, base);
+                }
             }
             return;
         }
@@ -290,6 +330,9 @@ impl TensorMerger for GtaMerger {
             }
             if let Some(drop) = m.drop_search.as_ref().and_then(TopK::result) {
                 (m.drop, m.drop_search) = (drop, None);
+            }
+            if let Some(prune) = m.prune.take() {
+                m.bits = Some(prune.into_bits());
             }
             if self.in_l1_pass {
                 let [before, after] = m.l1;

@@ -6,10 +6,13 @@
 //! rescale, SLERP's angle) ask for statistics passes over the blocks before `apply` (and may skip
 //! blocks a pass does not need); every pass streams the blocks from the mapped files.
 
+mod arcee_fusion;
 mod breadcrumbs;
 mod breadcrumbs_ties;
 mod dare_linear;
 mod dare_ties;
+mod della;
+mod della_linear;
 mod gta;
 mod karcher;
 mod linear;
@@ -156,6 +159,8 @@ static METHODS: &[&dyn Method] = &[
     &ties::Ties,
     &dare_ties::DareTies,
     &dare_linear::DareLinear,
+    &della::Della,
+    &della_linear::DellaLinear,
     &slerp::Slerp,
     &passthrough::Passthrough,
     &nearswap::Nearswap,
@@ -168,6 +173,7 @@ static METHODS: &[&dyn Method] = &[
     &karcher::Karcher,
     &nuslerp::Nuslerp,
     &model_stock::ModelStock,
+    &arcee_fusion::ArceeFusion,
 ];
 
 pub fn all() -> &'static [&'static dyn Method] {
