@@ -48,6 +48,12 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Multi-document configs: where named steps write (default: OUT-steps beside OUT).
+        #[arg(long)]
+        intermediate_dir: Option<PathBuf>,
+        /// Multi-document configs: merge named steps again even when their output exists.
+        #[arg(long)]
+        rerun_steps: bool,
     },
     /// List the merge methods with their parameters and defaults.
     Methods,
@@ -103,6 +109,43 @@ impl fusekit::exec::Progress for Bar {
     fn advance(&self, bytes: u64) {
         self.0.inc(bytes);
     }
+
+    fn step(&self, name: &str, total_bytes: u64) {
+        self.0.set_message(name.to_string());
+        self.0.set_length(total_bytes);
+        self.0.set_position(0);
+    }
+
+    fn reused(&self, name: &str, dir: &std::path::Path) {
+        self.0
+            .println(format!("step `{name}`: reusing {}", dir.display()));
+    }
+}
+
+/// `--dry-run`: the plan of every step whose inputs exist already.
+fn print_plans(
+    config: &std::path::Path,
+    out: &std::path::Path,
+    options: &fusekit::MergeOptions,
+) -> Result<()> {
+    let mut recipe = fusekit::config::recipe::load(config)?;
+    let outputs = fusekit::step_outputs(&mut recipe, out, &options.steps);
+    let several = recipe.steps.len() > 1;
+    let mut stdout = std::io::stdout().lock();
+    for (step, target) in recipe.steps.iter().zip(&outputs) {
+        let name = step.name.as_deref().unwrap_or("final");
+        if several {
+            let _ = writeln!(stdout, "# step `{name}` → {}", target.display());
+        }
+        if step.needs.iter().any(|&n| !outputs[n].exists()) {
+            let _ = writeln!(stdout, "(reads steps not merged yet: planned when run)\n");
+            continue;
+        }
+        let plan = fusekit::plan::build(&step.loaded, &options.plan)?;
+        // A closed pipe (`| head`) is not an error worth a panic.
+        let _ = write!(stdout, "{plan}");
+    }
+    Ok(())
 }
 
 fn main() {
@@ -124,29 +167,33 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             random_seed,
             quiet,
+            intermediate_dir,
+            rerun_steps,
         } => {
-            let loaded = fusekit::config::load(&config)?;
-            let plan_options = fusekit::plan::PlanOptions {
-                max_shard_size,
-                seed: random_seed,
+            let options = fusekit::MergeOptions {
+                plan: fusekit::plan::PlanOptions {
+                    max_shard_size,
+                    seed: random_seed,
+                },
+                exec: fusekit::exec::ExecOptions {
+                    threads,
+                    memory_budget,
+                },
+                write: fusekit::write::WriteOptions { force },
+                steps: fusekit::StepOptions {
+                    intermediate_dir,
+                    rerun: rerun_steps,
+                },
             };
-            let plan = fusekit::plan::build(&loaded, &plan_options)?;
             if dry_run {
-                // A closed pipe (`| head`) is not an error worth a panic.
-                let _ = write!(std::io::stdout().lock(), "{plan}");
-                return Ok(());
+                return print_plans(&config, &out, &options);
             }
-            let bar = ProgressBar::new(plan.total_bytes() as u64);
+            let bar = ProgressBar::new(0);
             if quiet {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
             }
-            bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("valid template"));
-            let exec = fusekit::exec::ExecOptions {
-                threads,
-                memory_budget,
-            };
-            let write = fusekit::write::WriteOptions { force };
-            fusekit::write::write(&plan, &out, &exec, &write, &Bar(bar.clone()))?;
+            bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("valid template"));
+            let plan = fusekit::merge(&config, &out, &options, &Bar(bar.clone()))?;
             bar.finish_and_clear();
             if !quiet {
                 eprintln!(

@@ -2,6 +2,7 @@
 //! Semantics follow mergekit (shared/specs/mergekit.md §2); see `params` for value resolution.
 
 pub mod params;
+pub mod recipe;
 
 use crate::error::{Error, Result};
 pub use params::{ParamMap, ParamValue, Scalar};
@@ -12,6 +13,9 @@ use std::path::Path;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MergeConfig {
+    /// The step's name in a multi-document config (see `recipe`).
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
     pub merge_method: Spanned<String>,
     #[serde(default)]
     pub base_model: Option<Spanned<String>>,
@@ -90,10 +94,14 @@ pub fn load(path: &Path) -> Result<LoadedConfig> {
 pub fn parse(text: &str, origin: &str) -> Result<LoadedConfig> {
     let config: MergeConfig =
         serde_saphyr::from_str(text).map_err(|e| Error::config(format!("{origin}: {e}")))?;
+    parse_document(config, text.to_string(), origin)
+}
+
+fn parse_document(config: MergeConfig, text: String, origin: &str) -> Result<LoadedConfig> {
     validate_shape(&config)?;
     Ok(LoadedConfig {
         config,
-        text: text.to_string(),
+        text,
         origin: origin.to_string(),
     })
 }

@@ -40,6 +40,11 @@ impl Default for ExecOptions {
 /// Receives the number of output bytes written, from any thread.
 pub trait Progress: Sync {
     fn advance(&self, bytes: u64);
+    /// A merge step starts, with this many bytes to write (the name is empty for a
+    /// single-document config).
+    fn step(&self, _name: &str, _total_bytes: u64) {}
+    /// A step's existing output is reused.
+    fn reused(&self, _name: &str, _dir: &std::path::Path) {}
 }
 
 impl Progress for () {
