@@ -28,12 +28,25 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 def make_models(case, workdir):
     for name, spec in case["models"].items():
+        if "lora_of" in spec:
+            make_lora(spec, os.path.join(workdir, spec["lora_of"]), os.path.join(workdir, name))
+            continue
         cmd = [FUSEKIT, "make-model", os.path.join(workdir, name), "--family", case["family"],
                "--dtype", case["dtype"], "--seed", str(spec["seed"])]
         if "finetune" in spec:
             seed, scale = spec["finetune"]
             cmd += ["--finetune-seed", str(seed), "--finetune-scale", str(scale)]
         subprocess.run(cmd, check=True)
+
+
+def make_lora(spec, model, out):
+    """A PEFT adapter by `fusekit make-lora` (the Rust test calls the same fixture code)."""
+    pairs = lambda m: ",".join(f"{k}={v}" for k, v in m.items())
+    subprocess.run([FUSEKIT, "make-lora", "--model", model, out, "--rank", str(spec["rank"]),
+                    "--alpha", str(spec["alpha"]), "--seed", str(spec["seed"]),
+                    "--targets", ",".join(spec["targets"]),
+                    "--rank-pattern", pairs(spec.get("rank_pattern", {})),
+                    "--alpha-pattern", pairs(spec.get("alpha_pattern", {}))], check=True)
 
 
 def run_case(case):
@@ -43,7 +56,8 @@ def run_case(case):
             f.write(case["config"])
         out = os.path.join(workdir, "out")
         env = dict(os.environ, PYTHONHASHSEED="0")
-        subprocess.run([os.path.join(VENV_BIN, "mergekit-yaml"), "config.yml", out, "--random-seed", "0"],
+        subprocess.run([os.path.join(VENV_BIN, "mergekit-yaml"), "config.yml", out, "--random-seed", "0",
+                        "--lora-merge-cache", os.path.join(workdir, "lora-cache")],
                        check=True, cwd=workdir, env=env)
         tensors = {}
         for file in sorted(os.listdir(out)):

@@ -78,6 +78,30 @@ enum Command {
         #[arg(long, default_value_t = usize::MAX)]
         max_shard_size: usize,
     },
+    /// Write a deterministic synthetic PEFT LoRA adapter for a model (tests, examples).
+    MakeLora {
+        /// The model the adapter is for.
+        #[arg(long)]
+        model: String,
+        out: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        rank: usize,
+        #[arg(long, default_value_t = 8.0)]
+        alpha: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Comma-separated last components of the module names to adapt.
+        #[arg(long, default_value = "q_proj,v_proj")]
+        targets: String,
+        /// `module=rank` pairs (PEFT's rank_pattern), comma-separated.
+        #[arg(long, default_value = "")]
+        rank_pattern: String,
+        /// `module=alpha` pairs (PEFT's alpha_pattern), comma-separated.
+        #[arg(long, default_value = "")]
+        alpha_pattern: String,
+        #[arg(long)]
+        use_rslora: bool,
+    },
     /// Benchmark fusekit against mergekit and the I/O roofline on a generated 1B model.
     Bench(bench::BenchArgs),
 }
@@ -101,6 +125,22 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
         _ => return Err(format!("unknown unit in `{text}`")),
     };
     Ok(n * scale)
+}
+
+/// `key=value,key=value` into a map.
+fn pairs<T: std::str::FromStr>(text: &str) -> Result<std::collections::BTreeMap<String, T>> {
+    text.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair
+                .split_once('=')
+                .with_context(|| format!("`{pair}` is not key=value"))?;
+            let v = v
+                .parse()
+                .map_err(|_| anyhow::anyhow!("`{v}` in `{pair}` is not a number"))?;
+            Ok((k.to_string(), v))
+        })
+        .collect()
 }
 
 struct Bar(ProgressBar);
@@ -258,6 +298,33 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("{} already exists", out.display());
             }
             fixtures::write_model(&spec, &out)?;
+            Ok(())
+        }
+        Command::MakeLora {
+            model,
+            out,
+            rank,
+            alpha,
+            seed,
+            targets,
+            rank_pattern,
+            alpha_pattern,
+            use_rslora,
+        } => {
+            if out.exists() {
+                bail!("{} already exists", out.display());
+            }
+            let spec = fixtures::LoraSpec {
+                rank,
+                alpha,
+                seed,
+                targets: targets.split(',').map(str::to_string).collect(),
+                rank_pattern: pairs(&rank_pattern)?,
+                alpha_pattern: pairs(&alpha_pattern)?,
+                use_rslora,
+            };
+            let model = fusekit::checkpoint::Checkpoint::open(&model)?;
+            fixtures::write_lora(&model, &spec, &out)?;
             Ok(())
         }
         Command::Bench(args) => bench::run(args),

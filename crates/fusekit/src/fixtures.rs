@@ -2,7 +2,7 @@
 //! test inputs, the models the mergekit reference script runs on, and the benchmark's 1B model.
 //! A fine-tune is its base plus seeded noise, so task vectors are small as in real fine-tunes.
 
-use crate::checkpoint::{CONFIG_FILE, INDEX_FILE};
+use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernels::convert::encode;
@@ -10,6 +10,7 @@ use crate::plan::shards;
 use crate::rng::{stream_key, uniform};
 use crate::write::shard::{create_with_header, encode_header};
 use rayon::prelude::*;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -409,4 +410,107 @@ pub fn write_model(spec: &ModelSpec, dir: &Path) -> Result<()> {
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// A synthetic PEFT LoRA adapter for a model: which modules, rank, α, the patterns, the seed.
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub seed: u64,
+    /// Last components of the module names to adapt (`q_proj`, `c_attn`, `embed_tokens`, …).
+    pub targets: Vec<String>,
+    pub rank_pattern: BTreeMap<String, usize>,
+    pub alpha_pattern: BTreeMap<String, f64>,
+    pub use_rslora: bool,
+}
+
+impl LoraSpec {
+    fn rank_of(&self, module: &str) -> usize {
+        self.rank_pattern
+            .iter()
+            .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
+            .map_or(self.rank, |(_, r)| *r)
+    }
+}
+
+/// Writes an adapter for `model` in PEFT's layout: `adapter_config.json` and
+/// `adapter_model.safetensors` (f32 factors, both random so the update is not zero as it is at
+/// PEFT's initialisation). Fan-in-fan-out is set for GPT-2 (Conv1D layers); targets that are
+/// embeddings get `lora_embedding_A/B`.
+pub fn write_lora(model: &Checkpoint, spec: &LoraSpec, dir: &Path) -> Result<()> {
+    let gpt2 = model.config.get("model_type").and_then(|v| v.as_str()) == Some("gpt2");
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for name in model.tensor_names() {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let last = module.rsplit('.').next().unwrap_or(module);
+        let shape = model.source(name).expect("listed").shape;
+        if !spec.targets.iter().any(|t| t == last) || shape.len() != 2 {
+            continue;
+        }
+        let embedding = last.contains("embed") || last == "wte";
+        let r = spec.rank_of(module);
+        // PEFT's shapes: A is r × fan-in, B fan-out × r.
+        let (fan_in, fan_out) = if embedding || gpt2 {
+            (shape[0], shape[1])
+        } else {
+            (shape[1], shape[0])
+        };
+        let (a_name, b_name) = if embedding {
+            ("lora_embedding_A", "lora_embedding_B")
+        } else {
+            ("lora_A.weight", "lora_B.weight")
+        };
+        for (suffix, shape, stream) in [(a_name, [r, fan_in], 0), (b_name, [fan_out, r], 1)] {
+            let full = format!("base_model.model.{module}.{suffix}");
+            let key = stream_key(spec.seed, &full, stream);
+            let values: Vec<f32> = (0..shape[0] * shape[1])
+                .map(|j| (uniform(key, j as u64) as f32 * 2.0 - 1.0) * 0.1)
+                .collect();
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((full, shape.to_vec(), bytes));
+        }
+    }
+    if tensors.is_empty() {
+        return Err(Error::config(format!(
+            "no 2-D module of {} is named {:?}",
+            model.reference, spec.targets
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .expect("shape matches bytes");
+            (name.clone(), view)
+        })
+        .collect();
+    let path = dir.join(crate::checkpoint::lora::ADAPTER_WEIGHTS);
+    safetensors::tensor::serialize_to_file(views, None, &path)
+        .map_err(|e| Error::bad_file(&path, e.to_string()))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": null,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": spec.targets,
+        "rank_pattern": spec.rank_pattern,
+        "alpha_pattern": spec.alpha_pattern,
+        "fan_in_fan_out": gpt2,
+        "use_rslora": spec.use_rslora,
+        "bias": "none",
+        "modules_to_save": null,
+        "init_lora_weights": true,
+        "inference_mode": true,
+    });
+    write_text(
+        &dir.join(crate::checkpoint::lora::ADAPTER_CONFIG),
+        &serde_json::to_string_pretty(&config).expect("plain JSON"),
+    )
 }

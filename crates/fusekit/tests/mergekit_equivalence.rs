@@ -6,9 +6,11 @@
 mod common;
 
 use common::*;
+use fusekit::checkpoint::Checkpoint;
 use fusekit::dtype::Dtype;
-use fusekit::fixtures::Family;
-use std::path::PathBuf;
+use fusekit::fixtures::{write_lora, Family, LoraSpec};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -105,12 +107,53 @@ fn tie_positions(plan: &fusekit::plan::Plan, tensor: &str) -> Vec<bool> {
     ties
 }
 
+/// The adapter `fusekit make-lora` writes for the reference script, from the same fixture code.
+fn make_lora(model: &Path, spec: &serde_json::Value, out: &Path) {
+    let map = |key: &str| -> BTreeMap<String, f64> {
+        spec.get(key)
+            .and_then(|m| m.as_object())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let lora = LoraSpec {
+        rank: spec["rank"].as_u64().unwrap() as usize,
+        alpha: spec["alpha"].as_f64().unwrap(),
+        seed: spec["seed"].as_u64().unwrap(),
+        targets: spec["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect(),
+        rank_pattern: map("rank_pattern")
+            .into_iter()
+            .map(|(k, v)| (k, v as usize))
+            .collect(),
+        alpha_pattern: map("alpha_pattern"),
+        use_rslora: false,
+    };
+    let checkpoint = Checkpoint::open(model.to_str().unwrap()).unwrap();
+    write_lora(&checkpoint, &lora, out).unwrap();
+}
+
 fn run_case(case: &serde_json::Value) -> Report {
     let name = case["name"].as_str().unwrap();
     let family = Family::parse(case["family"].as_str().unwrap()).unwrap();
     let dtype = Dtype::from_config(case["dtype"].as_str().unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (model, spec) in case["models"].as_object().unwrap() {
+        if let Some(of) = spec.get("lora_of") {
+            make_lora(
+                &dir.path().join(of.as_str().unwrap()),
+                spec,
+                &dir.path().join(model),
+            );
+            continue;
+        }
         let finetune = spec
             .get("finetune")
             .map(|f| (f[0].as_u64().unwrap(), f[1].as_f64().unwrap() as f32));
@@ -179,8 +222,9 @@ fn run_case(case: &serde_json::Value) -> Report {
     let inputs: Vec<_> = case["models"]
         .as_object()
         .unwrap()
-        .keys()
-        .map(|m| load_model(&dir.path().join(m)))
+        .iter()
+        .filter(|(_, spec)| spec.get("lora_of").is_none())
+        .map(|(m, _)| load_model(&dir.path().join(m)))
         .collect();
     for (tensor, a) in &ours {
         let b = &theirs[tensor];
@@ -232,10 +276,12 @@ fn run_case(case: &serde_json::Value) -> Report {
                 // to the compute dtype; fusekit keeps them in f32. Where the result cancels to near
                 // zero those roundings show as many ulps of the small result, yet stay within the
                 // ~4 roundings' worth at the magnitude of the operands.
+                // A LoRA update is an operand the models on disk do not show: the result's own
+                // magnitude stands in (it only matters where it exceeds the stored operands').
                 let magnitude = operands
                     .iter()
                     .map(|t| t.values[i].abs())
-                    .fold(0f32, f32::max);
+                    .fold(b.values[i].abs(), f32::max);
                 let diff = (a.values[i] - b.values[i]).abs();
                 if is_ties && diff > 4.0 * ulp_at(a.dtype, magnitude) {
                     // Masks differ: a tie in mergekit's bf16 arithmetic that f32 does not see.

@@ -2,10 +2,13 @@
 //! sharded `model-*.safetensors` with `model.safetensors.index.json`. Opening reads headers only.
 
 pub mod hub_cache;
+pub mod lora;
 pub mod safetensors_file;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::kernels::low_rank::LowRank;
+use lora::Adapter;
 use memmap2::Mmap;
 use safetensors_file::SafetensorsFile;
 use std::collections::BTreeMap;
@@ -26,6 +29,8 @@ pub struct Checkpoint {
     files: Vec<SafetensorsFile>,
     /// Tensor name → index into `files`.
     locations: BTreeMap<String, usize>,
+    /// A LoRA adapter applied on read (`model+adapter` references).
+    pub adapter: Option<Adapter>,
 }
 
 /// Where one input tensor's bytes are, cheap to clone into merge tasks.
@@ -37,9 +42,27 @@ pub struct TensorSource {
     pub shape: Vec<usize>,
     pub start: usize,
     pub len: usize,
+    /// A LoRA update to add to the stored values (the stored dtype's rounding applies after).
+    pub update: Option<Arc<LowRank>>,
 }
 
 impl TensorSource {
+    fn of(
+        file: &SafetensorsFile,
+        entry: &safetensors_file::TensorEntry,
+        update: Option<Arc<LowRank>>,
+    ) -> TensorSource {
+        TensorSource {
+            map: file.map.clone(),
+            path: Arc::from(file.path.as_path()),
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+            start: entry.start,
+            len: entry.len,
+            update,
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -53,20 +76,71 @@ impl TensorSource {
 }
 
 impl Checkpoint {
-    /// Opens a local directory, or a repo id from the Hugging Face cache.
+    /// Opens a local directory, or a repo id from the Hugging Face cache; `model+adapter` applies
+    /// a PEFT LoRA adapter (itself a directory or a repo id) to the model.
     pub fn open(reference: &str) -> Result<Checkpoint> {
-        let local = Path::new(reference);
-        let dir = if local.is_dir() {
-            local.to_path_buf()
-        } else if hub_cache::is_repo_id(reference) {
-            hub_cache::resolve(reference)?
-        } else {
-            return Err(Error::ModelNotFound {
-                model: reference.to_string(),
-                message: "no such directory".into(),
-            });
+        if let Some((model, adapter)) = reference
+            .split_once('+')
+            .filter(|_| !Path::new(reference).is_dir())
+        {
+            let mut checkpoint = Self::open_dir(reference, &locate(model)?)?;
+            checkpoint.attach(Adapter::open(&locate(adapter)?)?)?;
+            return Ok(checkpoint);
+        }
+        Self::open_dir(reference, &locate(reference)?)
+    }
+
+    /// Checks the adapter against the model's tensors and applies it to them from now on.
+    fn attach(&mut self, mut adapter: Adapter) -> Result<()> {
+        let file = adapter.file.path.clone();
+        // PEFT names modules as the loaded model does (`transformer.h.0…`); some checkpoints store
+        // the inner model's names (`h.0…`).
+        let stored = |name: &String| -> String {
+            match name.split_once('.') {
+                Some((_, inner))
+                    if !self.locations.contains_key(name) && self.locations.contains_key(inner) =>
+                {
+                    inner.to_string()
+                }
+                _ => name.clone(),
+            }
         };
-        Self::open_dir(reference, &dir)
+        adapter.updates = std::mem::take(&mut adapter.updates)
+            .into_iter()
+            .map(|(k, v)| (stored(&k), v))
+            .collect();
+        adapter.replacements = std::mem::take(&mut adapter.replacements)
+            .into_iter()
+            .map(|(k, v)| (stored(&k), v))
+            .collect();
+        for (target, update) in &adapter.updates {
+            let shape = self.source(target).map(|s| s.shape);
+            if shape.as_deref() != Some(&[update.rows, update.cols][..]) {
+                return Err(Error::bad_file(
+                    &file,
+                    format!(
+                        "the update of `{target}` is {}×{} but the model's tensor is {}",
+                        update.rows,
+                        update.cols,
+                        shape.map_or("missing".to_string(), |s| format!("{s:?}"))
+                    ),
+                ));
+            }
+        }
+        for (target, name) in &adapter.replacements {
+            let theirs = &adapter.file.tensors[name];
+            let shape = self.source(target).map(|s| s.shape);
+            if shape.as_ref() != Some(&theirs.shape) {
+                return Err(Error::bad_file(
+                    &file,
+                    format!(
+                        "`{name}` replaces `{target}`, which the model lacks or shapes otherwise"
+                    ),
+                ));
+            }
+        }
+        self.adapter = Some(adapter);
+        Ok(())
     }
 
     fn open_dir(reference: &str, dir: &Path) -> Result<Checkpoint> {
@@ -100,6 +174,7 @@ impl Checkpoint {
             config,
             files,
             locations,
+            adapter: None,
         })
     }
 
@@ -108,21 +183,34 @@ impl Checkpoint {
     }
 
     pub fn source(&self, name: &str) -> Option<TensorSource> {
+        let adapter = self.adapter.as_ref();
+        if let Some(replacement) = adapter.and_then(|a| a.replacements.get(name)) {
+            let file = &adapter?.file;
+            return Some(TensorSource::of(file, &file.tensors[replacement], None));
+        }
         let file = &self.files[*self.locations.get(name)?];
-        let entry = file.tensors.get(name)?;
-        Some(TensorSource {
-            map: file.map.clone(),
-            path: Arc::from(file.path.as_path()),
-            dtype: entry.dtype,
-            shape: entry.shape.clone(),
-            start: entry.start,
-            len: entry.len,
-        })
+        let update = adapter.and_then(|a| a.updates.get(name)).cloned();
+        Some(TensorSource::of(file, file.tensors.get(name)?, update))
     }
 
     /// The safetensors files of this model.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.files.iter().map(|f| f.path.as_path())
+    }
+}
+
+/// The directory of a local path or a cached repo id.
+fn locate(reference: &str) -> Result<PathBuf> {
+    let local = Path::new(reference);
+    if local.is_dir() {
+        Ok(local.to_path_buf())
+    } else if hub_cache::is_repo_id(reference) {
+        hub_cache::resolve(reference)
+    } else {
+        Err(Error::ModelNotFound {
+            model: reference.to_string(),
+            message: "no such directory".into(),
+        })
     }
 }
 

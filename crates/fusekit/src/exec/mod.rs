@@ -141,6 +141,13 @@ struct Input<'a> {
 impl Input<'_> {
     fn decode(&self, first: usize, out: &mut [f32]) {
         decode(self.source.dtype, self.source.bytes(first, out.len()), out);
+        if let Some(update) = &self.source.update {
+            // As if the adapter had been merged into a checkpoint of the stored dtype first.
+            update.add_to(first, out);
+            if self.source.dtype != Dtype::F32 {
+                round_slice(self.source.dtype, out);
+            }
+        }
         if let Some(dtype) = self.cast {
             round_slice(dtype, out);
         }

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod gram;
+pub mod low_rank;
 pub mod magprune;
 pub mod quantile;
 pub mod rows;

@@ -497,6 +497,7 @@ impl TensorPlanner<'_> {
             .unwrap_or_else(|| promoted(inputs.iter().map(|i| i.source.dtype)));
         let plain_copy = spec.name == "passthrough"
             && params.per_input[0].is_empty()
+            && inputs[0].source.update.is_none()
             && dtype == inputs[0].source.dtype
             && compute_dtype.is_none_or(|c| c == dtype);
         let work = if plain_copy {

@@ -34,11 +34,12 @@ pub struct WriteOptions {
 /// Checks OUT against the inputs before anything is computed.
 pub fn check_output(plan: &Plan, out: &Path, options: &WriteOptions) -> Result<()> {
     let target = absolute(out)?;
-    for model in &plan.models {
-        let input = model
-            .dir
-            .canonicalize()
-            .map_err(|e| Error::io(&model.dir, e))?;
+    let dirs = plan
+        .models
+        .iter()
+        .flat_map(|m| std::iter::once((m, &m.dir)).chain(m.adapter.as_ref().map(|a| (m, &a.dir))));
+    for (model, dir) in dirs {
+        let input = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
         if target.starts_with(&input) || input.starts_with(&target) {
             return Err(Error::Output {
                 path: out.to_path_buf(),
