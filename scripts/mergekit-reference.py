@@ -31,6 +31,12 @@ def make_models(case, workdir):
         if "lora_of" in spec:
             make_lora(spec, os.path.join(workdir, spec["lora_of"]), os.path.join(workdir, name))
             continue
+        if "extract_of" in spec:
+            # An adapter fusekit extracts, for PEFT (inside mergekit) to load.
+            subprocess.run([FUSEKIT, "extract-lora", "--model", os.path.join(workdir, spec["extract_of"]),
+                            "--base", os.path.join(workdir, spec["from"]), os.path.join(workdir, name),
+                            "--rank", str(spec["rank"])], check=True)
+            continue
         cmd = [FUSEKIT, "make-model", os.path.join(workdir, name), "--family", case["family"],
                "--dtype", case["dtype"], "--seed", str(spec["seed"])]
         if "finetune" in spec:

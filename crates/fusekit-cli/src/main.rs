@@ -102,6 +102,31 @@ enum Command {
         #[arg(long)]
         use_rslora: bool,
     },
+    /// Extract a PEFT LoRA adapter from a fine-tune: a truncated SVD of (MODEL − BASE) per module.
+    ExtractLora {
+        /// The fine-tuned model.
+        #[arg(long)]
+        model: String,
+        /// The model it was fine-tuned from.
+        #[arg(long)]
+        base: String,
+        out: PathBuf,
+        /// Rank of every module no pattern names.
+        #[arg(long, default_value_t = 32)]
+        rank: usize,
+        /// `regex=rank` pairs, comma-separated; the first that matches a module name wins.
+        #[arg(long, default_value = "")]
+        rank_pattern: String,
+        /// Extract embeddings too.
+        #[arg(long)]
+        embed_lora: bool,
+        /// Dtype of the stored factors.
+        #[arg(long, default_value = "float32")]
+        dtype: String,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Benchmark fusekit against mergekit and the I/O roofline on a generated 1B model.
     Bench(bench::BenchArgs),
 }
@@ -325,6 +350,49 @@ fn run(cli: Cli) -> Result<()> {
             };
             let model = fusekit::checkpoint::Checkpoint::open(&model)?;
             fixtures::write_lora(&model, &spec, &out)?;
+            Ok(())
+        }
+        Command::ExtractLora {
+            model,
+            base,
+            out,
+            rank,
+            rank_pattern,
+            embed_lora,
+            dtype,
+            force,
+        } => {
+            let rank_pattern = pairs::<usize>(&rank_pattern)?
+                .into_iter()
+                .map(|(p, r)| {
+                    Ok((
+                        regex::Regex::new(&p).with_context(|| format!("pattern `{p}`"))?,
+                        r,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let options = fusekit::extract_lora::ExtractOptions {
+                rank,
+                rank_pattern,
+                embeddings: embed_lora,
+                dtype: Dtype::from_config(&dtype)?,
+                force,
+            };
+            let extraction = fusekit::extract_lora::extract_lora(&model, &base, &out, &options)?;
+            for m in &extraction.modules {
+                println!(
+                    "{:<50} rank {:>4}  ‖Δ‖ {:.4e}  truncation error {:.4e}",
+                    m.module, m.rank, m.delta_norm, m.truncation_error
+                );
+            }
+            for (name, why) in &extraction.left_out {
+                println!("left out {name}: {why}");
+            }
+            eprintln!(
+                "wrote {} ({} modules)",
+                out.display(),
+                extraction.modules.len()
+            );
             Ok(())
         }
         Command::Bench(args) => bench::run(args),

@@ -453,7 +453,8 @@ pub fn write_lora(model: &Checkpoint, spec: &LoraSpec, dir: &Path) -> Result<()>
         let embedding = last.contains("embed") || last == "wte";
         let r = spec.rank_of(module);
         // PEFT's shapes: A is r × fan-in, B fan-out × r.
-        let (fan_in, fan_out) = if embedding || gpt2 {
+        let transposed = embedding || (gpt2 && crate::extract_lora::is_conv1d(module));
+        let (fan_in, fan_out) = if transposed {
             (shape[0], shape[1])
         } else {
             (shape[1], shape[0])

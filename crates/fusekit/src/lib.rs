@@ -12,6 +12,7 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod exec;
+pub mod extract_lora;
 pub mod fixtures;
 pub mod kernels;
 pub mod methods;

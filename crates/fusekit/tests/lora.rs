@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use fusekit::checkpoint::Checkpoint;
 use fusekit::dtype::Dtype;
+use fusekit::extract_lora::{extract_lora, ExtractOptions, Extraction};
 use fusekit::fixtures::{write_lora, write_model, Family, LoraSpec, ModelSpec};
 use fusekit::MergeOptions;
 use std::collections::BTreeMap;
@@ -163,4 +164,118 @@ fn broken_adapters_are_refused_by_name() {
         err.contains("adapter_model.safetensors") && err.contains("q_proj.weight"),
         "{err}"
     );
+}
+
+/// ‖x − y‖_F over one tensor.
+fn distance(x: &[f32], y: &[f32]) -> f64 {
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+fn extract(dir: &Path, model: &str, rank: usize, pattern: &[(&str, usize)]) -> Extraction {
+    let options = ExtractOptions {
+        rank,
+        rank_pattern: pattern
+            .iter()
+            .map(|(p, r)| (regex::Regex::new(p).unwrap(), *r))
+            .collect(),
+        embeddings: false,
+        dtype: Dtype::F32,
+        force: true,
+    };
+    let path = |m: &str| dir.join(m).to_str().unwrap().to_string();
+    extract_lora(
+        &path(model),
+        &path("base"),
+        &dir.join("extracted"),
+        &options,
+    )
+    .unwrap()
+}
+
+#[test]
+fn extracted_adapters_rebuild_the_fine_tune_within_the_truncation_error() {
+    for family in [Family::Llama, Family::Gpt2] {
+        let dir = tempfile::tempdir().unwrap();
+        let base = ModelSpec::tiny(family, Dtype::F32, 1);
+        write_model(&base, &dir.path().join("base")).unwrap();
+        write_model(&base.finetuned(2, 0.01), &dir.path().join("ft")).unwrap();
+        let report = extract(dir.path(), "ft", 4, &[("mlp", 2)]);
+        merge_yaml(
+            dir.path(),
+            "merge_method: passthrough\nmodels:\n  - model: ./base+./extracted\n",
+            "rebuilt",
+            &MergeOptions::default(),
+        )
+        .unwrap();
+        let ft = load_model(&dir.path().join("ft"));
+        let rebuilt = load_model(&dir.path().join("rebuilt"));
+        for m in &report.modules {
+            let name = format!("{}.weight", m.module);
+            let error = distance(&rebuilt[&name].values, &ft[&name].values);
+            assert_eq!(m.rank, if m.module.contains("mlp") { 2 } else { 4 });
+            // Eckart–Young: the error is exactly the dropped singular values' norm.
+            assert!(
+                (error - m.truncation_error).abs() <= 1e-3 * m.delta_norm,
+                "{family:?} {}: error {error} vs predicted {}",
+                m.module,
+                m.truncation_error
+            );
+            assert!(m.truncation_error < m.delta_norm);
+        }
+        let left: Vec<&String> = report.left_out.keys().collect();
+        assert!(
+            left.iter().any(|n| n.contains("norm") || n.contains("ln_")),
+            "{left:?}"
+        );
+        assert!(
+            left.iter()
+                .any(|n| n.contains("embed") || n.contains("wte")),
+            "{left:?}"
+        );
+        let written: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("extracted/extraction.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(written["left_out"].as_object().unwrap().len(), left.len());
+    }
+}
+
+#[test]
+fn a_low_rank_fine_tune_is_recovered_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    write_model(&ModelSpec::tiny(Family::Llama, Dtype::F32, 1), &base).unwrap();
+    let checkpoint = Checkpoint::open(base.to_str().unwrap()).unwrap();
+    let mut lora = spec(&["q_proj", "o_proj", "up_proj"], false);
+    lora.alpha_pattern.clear();
+    write_lora(&checkpoint, &lora, &dir.path().join("lora")).unwrap();
+    // The fine-tune is the base with a rank-4 (rank 2 in one layer) update merged in.
+    merge_yaml(
+        dir.path(),
+        "merge_method: passthrough\nmodels:\n  - model: ./base+./lora\n",
+        "ft",
+        &MergeOptions::default(),
+    )
+    .unwrap();
+    let report = extract(dir.path(), "ft", 4, &[]);
+    assert_eq!(report.modules.len(), 12);
+    for m in &report.modules {
+        assert!(m.truncation_error <= 1e-5 * m.delta_norm, "{m:?}");
+    }
+    let rebuilt = dir.path().join("rebuilt");
+    merge_yaml(
+        dir.path(),
+        "merge_method: passthrough\nmodels:\n  - model: ./base+./extracted\n",
+        "rebuilt",
+        &MergeOptions::default(),
+    )
+    .unwrap();
+    let (ft, rebuilt) = (load_model(&dir.path().join("ft")), load_model(&rebuilt));
+    for (name, t) in &ft {
+        assert!(distance(&t.values, &rebuilt[name].values) < 1e-5, "{name}");
+    }
 }

@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use fusekit::checkpoint::Checkpoint;
 use fusekit::dtype::Dtype;
+use fusekit::extract_lora::{extract_lora, ExtractOptions};
 use fusekit::fixtures::{write_lora, Family, LoraSpec};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -140,30 +141,43 @@ fn make_lora(model: &Path, spec: &serde_json::Value, out: &Path) {
     write_lora(&checkpoint, &lora, out).unwrap();
 }
 
+/// One input of a case: a model, a LoRA adapter made for one, or an adapter extracted from one.
+fn make_input(dir: &Path, family: Family, dtype: Dtype, out: &Path, spec: &serde_json::Value) {
+    let path = |key: &serde_json::Value| dir.join(key.as_str().unwrap());
+    if let Some(of) = spec.get("lora_of") {
+        make_lora(&path(of), spec, out);
+    } else if let Some(of) = spec.get("extract_of") {
+        let options = ExtractOptions {
+            rank: spec["rank"].as_u64().unwrap() as usize,
+            rank_pattern: Vec::new(),
+            embeddings: false,
+            dtype: Dtype::F32,
+            force: false,
+        };
+        let model = path(of);
+        let base = path(&spec["from"]);
+        extract_lora(
+            model.to_str().unwrap(),
+            base.to_str().unwrap(),
+            out,
+            &options,
+        )
+        .unwrap();
+    } else {
+        let finetune = spec
+            .get("finetune")
+            .map(|f| (f[0].as_u64().unwrap(), f[1].as_f64().unwrap() as f32));
+        make(out, family, dtype, spec["seed"].as_u64().unwrap(), finetune);
+    }
+}
+
 fn run_case(case: &serde_json::Value) -> Report {
     let name = case["name"].as_str().unwrap();
     let family = Family::parse(case["family"].as_str().unwrap()).unwrap();
     let dtype = Dtype::from_config(case["dtype"].as_str().unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (model, spec) in case["models"].as_object().unwrap() {
-        if let Some(of) = spec.get("lora_of") {
-            make_lora(
-                &dir.path().join(of.as_str().unwrap()),
-                spec,
-                &dir.path().join(model),
-            );
-            continue;
-        }
-        let finetune = spec
-            .get("finetune")
-            .map(|f| (f[0].as_u64().unwrap(), f[1].as_f64().unwrap() as f32));
-        make(
-            &dir.path().join(model),
-            family,
-            dtype,
-            spec["seed"].as_u64().unwrap(),
-            finetune,
-        );
+        make_input(dir.path(), family, dtype, &dir.path().join(model), spec);
     }
     let plan = merge_yaml(
         dir.path(),
@@ -223,7 +237,7 @@ fn run_case(case: &serde_json::Value) -> Report {
         .as_object()
         .unwrap()
         .iter()
-        .filter(|(_, spec)| spec.get("lora_of").is_none())
+        .filter(|(_, spec)| spec.get("lora_of").is_none() && spec.get("extract_of").is_none())
         .map(|(m, _)| load_model(&dir.path().join(m)))
         .collect();
     for (tensor, a) in &ours {

@@ -247,7 +247,9 @@ impl Settings {
             alpha / rank as f64
         } as f32;
         let a_transposed = transpose(&a, rank, a_shape[1]);
-        Ok(if factors.embedding || self.fan_in_fan_out {
+        // PEFT turns fan-in-fan-out off for plain Linear layers such as the LM head.
+        let fan_in_fan_out = self.fan_in_fan_out && !module.ends_with("lm_head");
+        Ok(if factors.embedding || fan_in_fan_out {
             LowRank {
                 rank,
                 rows: a_shape[1],

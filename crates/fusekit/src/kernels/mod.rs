@@ -8,6 +8,7 @@ pub mod magprune;
 pub mod quantile;
 pub mod rows;
 pub mod select;
+pub mod svd;
 pub mod task_vectors;
 
 /// The unit of work every method sees. Executors always hand methods whole blocks (the last one

@@ -76,10 +76,40 @@ fn absolute(path: &Path) -> Result<PathBuf> {
     Ok(resolved)
 }
 
-/// A temporary directory removed on drop unless it was renamed into place.
-struct Staging {
-    dir: PathBuf,
+/// A temporary directory beside OUT, removed on drop unless it was renamed into place.
+pub struct Staging {
+    pub dir: PathBuf,
     done: bool,
+}
+
+impl Staging {
+    /// Creates the staging directory for `out` (and OUT's parent if needed).
+    pub fn new(out: &Path) -> Result<Staging> {
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let staging = Staging {
+            dir: sibling(out, "partial"),
+            done: false,
+        };
+        let _ = std::fs::remove_dir_all(&staging.dir);
+        std::fs::create_dir(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
+        Ok(staging)
+    }
+
+    /// Renames the finished directory to `out`, replacing what was there.
+    pub fn commit(mut self, out: &Path) -> Result<()> {
+        if out.exists() {
+            let old = sibling(out, "old");
+            std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+            std::fs::rename(&self.dir, out).map_err(|e| Error::io(out, e))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&self.dir, out).map_err(|e| Error::io(out, e))?;
+        }
+        self.done = true;
+        Ok(())
+    }
 }
 
 impl Drop for Staging {
@@ -107,15 +137,7 @@ pub fn write(
     progress: &dyn Progress,
 ) -> Result<()> {
     check_output(plan, out, options)?;
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    let mut staging = Staging {
-        dir: sibling(out, "partial"),
-        done: false,
-    };
-    let _ = std::fs::remove_dir_all(&staging.dir);
-    std::fs::create_dir(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
+    let staging = Staging::new(out)?;
 
     let paths: Vec<PathBuf> = plan
         .shards
@@ -141,17 +163,7 @@ pub fn write(
         f.file.sync_all().map_err(|e| Error::io(p, e))?;
     }
     write_small_files(plan, &staging.dir)?;
-
-    if out.exists() {
-        let old = sibling(out, "old");
-        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-        std::fs::rename(&staging.dir, out).map_err(|e| Error::io(out, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&staging.dir, out).map_err(|e| Error::io(out, e))?;
-    }
-    staging.done = true;
-    Ok(())
+    staging.commit(out)
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {

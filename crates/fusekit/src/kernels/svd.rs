@@ -1,0 +1,69 @@
+//! Thin singular value decomposition in f32 (faer), single-threaded so the result does not depend
+//! on the thread count; callers parallelise over matrices instead.
+
+use faer::diag::Diag;
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::svd::{svd, svd_scratch, ComputeSvdVectors, SvdParams};
+use faer::{Mat, MatRef, Par, Spec};
+
+/// A = U·diag(S)·Vᵀ with U `rows × k`, V `cols × k`, k = min(rows, cols), S non-increasing.
+#[derive(Debug)]
+pub struct ThinSvd {
+    pub u: Mat<f32>,
+    pub s: Vec<f32>,
+    pub v: Mat<f32>,
+}
+
+/// The thin SVD of a row-major `rows × cols` matrix; `None` if the iteration did not converge.
+pub fn thin_svd(rows: usize, cols: usize, data: &[f32]) -> Option<ThinSvd> {
+    let a = MatRef::from_row_major_slice(data, rows, cols);
+    let k = rows.min(cols);
+    let mut u = Mat::<f32>::zeros(rows, k);
+    let mut v = Mat::<f32>::zeros(cols, k);
+    let mut s = Diag::<f32>::zeros(k);
+    let params: Spec<SvdParams, f32> = Default::default();
+    let par = Par::Seq;
+    let mut buffer = MemBuffer::new(svd_scratch::<f32>(
+        rows,
+        cols,
+        ComputeSvdVectors::Thin,
+        ComputeSvdVectors::Thin,
+        par,
+        params,
+    ));
+    let stack = MemStack::new(&mut buffer);
+    svd(
+        a,
+        s.as_mut(),
+        Some(u.as_mut()),
+        Some(v.as_mut()),
+        par,
+        stack,
+        params,
+    )
+    .ok()?;
+    let s = (0..k).map(|i| s[i]).collect();
+    Some(ThinSvd { u, s, v })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconstructs_the_matrix() {
+        let (rows, cols) = (7, 5);
+        let key = crate::rng::stream_key(1, "svd", 0);
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| crate::rng::uniform(key, i as u64) as f32 - 0.5)
+            .collect();
+        let d = thin_svd(rows, cols, &data).unwrap();
+        assert!(d.s.windows(2).all(|w| w[0] >= w[1]) && d.s[4] >= 0.0);
+        for i in 0..rows {
+            for j in 0..cols {
+                let x: f32 = (0..5).map(|k| d.u[(i, k)] * d.s[k] * d.v[(j, k)]).sum();
+                assert!((x - data[i * cols + j]).abs() < 1e-5);
+            }
+        }
+    }
+}
