@@ -42,6 +42,8 @@ def make_models(case, workdir):
         if "finetune" in spec:
             seed, scale = spec["finetune"]
             cmd += ["--finetune-seed", str(seed), "--finetune-scale", str(scale)]
+        if "tokenizer" in spec:
+            cmd += ["--tokenizer-variant", str(spec["tokenizer"])]
         subprocess.run(cmd, check=True)
 
 
@@ -72,6 +74,14 @@ def run_case(case):
         os.makedirs(OUT, exist_ok=True)
         save_file(tensors, os.path.join(OUT, case["name"] + ".safetensors"), metadata={"mergekit": "0.1.5"})
         shutil.copy(os.path.join(out, "config.json"), os.path.join(OUT, case["name"] + ".config.json"))
+        if "tokenizer" in case["config"]:
+            # New token ids follow a hash map's order in mergekit: the test maps rows by token.
+            with open(os.path.join(out, "tokenizer.json")) as f:
+                tok = json.load(f)
+            vocab = dict(tok["model"]["vocab"])
+            vocab.update({t["content"]: t["id"] for t in tok["added_tokens"]})
+            with open(os.path.join(OUT, case["name"] + ".vocab.json"), "w") as f:
+                json.dump(vocab, f, sort_keys=True)
         print(f"{case['name']}: {len(tensors)} tensors")
 
 

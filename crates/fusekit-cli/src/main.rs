@@ -77,6 +77,10 @@ enum Command {
         finetune_scale: f32,
         #[arg(long, default_value_t = usize::MAX)]
         max_shard_size: usize,
+        /// Which fixture tokenizer to write (0: the common one; others differ in a quarter of
+        /// the vocabulary).
+        #[arg(long, default_value_t = 0)]
+        tokenizer_variant: u64,
     },
     /// Write a deterministic synthetic PEFT LoRA adapter for a model (tests, examples).
     MakeLora {
@@ -302,6 +306,7 @@ fn run(cli: Cli) -> Result<()> {
             finetune_seed,
             finetune_scale,
             max_shard_size,
+            tokenizer_variant,
         } => {
             let family = Family::parse(&family).with_context(|| {
                 format!("unknown family `{family}` (llama, mistral, qwen2, gpt2, bert)")
@@ -316,6 +321,7 @@ fn run(cli: Cli) -> Result<()> {
                 other => bail!("unknown size `{other}` (tiny, or 1b for llama)"),
             };
             spec.max_shard_bytes = max_shard_size.min(spec.max_shard_bytes);
+            spec.tokenizer_variant = tokenizer_variant;
             if let Some(s) = finetune_seed {
                 spec = spec.finetuned(s, finetune_scale);
             }

@@ -13,7 +13,7 @@ use crate::checkpoint::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::checkpoint::{Checkpoint, TensorSource};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::kernels::convert::{decode, encode};
+use crate::kernels::convert::encode;
 use crate::kernels::svd::thin_svd;
 use crate::write::Staging;
 use rayon::prelude::*;
@@ -181,10 +181,7 @@ fn rank_for(module: &str, options: &ExtractOptions) -> usize {
 
 fn decode_all(source: &TensorSource) -> Vec<f32> {
     let mut values = vec![0f32; source.numel()];
-    decode(source.dtype, source.bytes(0, values.len()), &mut values);
-    if let Some(update) = &source.update {
-        update.add_to(0, &mut values);
-    }
+    source.read_f32(0, &mut values);
     values
 }
 

@@ -61,6 +61,9 @@ pub struct ModelSpec {
     /// `(seed, scale)` of the noise added to make a fine-tune of the base.
     pub finetune: Option<(u64, f32)>,
     pub max_shard_bytes: usize,
+    /// Which `tokenizer.json` to write (see `tokenizer_json`): 0 for the common one, others
+    /// replace the last quarter of the vocabulary and add a special token of their own.
+    pub tokenizer_variant: u64,
 }
 
 impl ModelSpec {
@@ -77,6 +80,7 @@ impl ModelSpec {
             seed,
             finetune: None,
             max_shard_bytes: usize::MAX,
+            tokenizer_variant: 0,
         }
     }
 
@@ -94,6 +98,7 @@ impl ModelSpec {
             seed,
             finetune: None,
             max_shard_bytes: 1 << 30,
+            tokenizer_variant: 0,
         }
     }
 
@@ -399,6 +404,12 @@ pub fn write_model(spec: &ModelSpec, dir: &Path) -> Result<()> {
         &dir.join("tokenizer_config.json"),
         &serde_json::to_string_pretty(&tokenizer).expect("plain JSON"),
     )?;
+    if spec.vocab <= MAX_FIXTURE_TOKENIZER {
+        write_text(
+            &dir.join("tokenizer.json"),
+            &tokenizer_json(spec.vocab, spec.tokenizer_variant),
+        )?;
+    }
     if spec.family != Family::Bert {
         write_text(
             &dir.join("generation_config.json"),
@@ -406,6 +417,47 @@ pub fn write_model(spec: &ModelSpec, dir: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Vocabularies larger than this get no `tokenizer.json` (the benchmark models).
+const MAX_FIXTURE_TOKENIZER: usize = 4096;
+
+/// A word-level BPE tokenizer (no merges) of `vocab` tokens: `<unk>`, `<s>`, `</s>` as special
+/// added tokens, then `t3`, `t4`, …. Variant k > 0 renames the last quarter `t{i}_v{k}` and
+/// makes the last one a special added token `<|v{k}|>`, so vocabularies of different variants
+/// overlap in three quarters.
+pub fn tokenizer_json(vocab: usize, variant: u64) -> String {
+    let unique_from = vocab - vocab / 4;
+    let token = |i: usize| match i {
+        0 => "<unk>".to_string(),
+        1 => "<s>".to_string(),
+        2 => "</s>".to_string(),
+        _ if variant > 0 && i == vocab - 1 => format!("<|v{variant}|>"),
+        _ if variant > 0 && i >= unique_from => format!("t{i}_v{variant}"),
+        _ => format!("t{i}"),
+    };
+    let special: Vec<usize> = [0, 1, 2]
+        .into_iter()
+        .chain((variant > 0).then_some(vocab - 1))
+        .collect();
+    let added: Vec<serde_json::Value> = special
+        .iter()
+        .map(|&i| {
+            serde_json::json!({"id": i, "content": token(i), "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let words: serde_json::Map<String, serde_json::Value> =
+        (0..vocab).map(|i| (token(i), i.into())).collect();
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": words, "merges": []},
+    });
+    serde_json::to_string_pretty(&json).expect("plain JSON")
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {

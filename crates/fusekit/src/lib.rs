@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod methods;
 pub mod plan;
 pub mod rng;
+pub mod vocab;
 pub mod write;
 
 pub use error::{Error, Result};

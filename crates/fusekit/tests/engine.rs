@@ -252,18 +252,22 @@ fn tokenizer_source_and_progress() {
         tokenizer,
         std::fs::read_to_string(dir.path().join("base/tokenizer_config.json")).unwrap()
     );
-    let err = merge_yaml(
+    // The union of equal vocabularies is that vocabulary: nothing moves.
+    merge_yaml(
         dir.path(),
         &format!("{TIES}tokenizer_source: union\n"),
         "u",
         &Default::default(),
     )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("tokenizer_source") && err.contains("union"),
-        "{err}"
+    .unwrap();
+    let union = load_model(&dir.path().join("u"));
+    let plain = load_model(&out);
+    assert_eq!(
+        union["model.embed_tokens.weight"].bits,
+        plain["model.embed_tokens.weight"].bits
     );
+    let config = std::fs::read_to_string(dir.path().join("u/config.json")).unwrap();
+    assert!(config.contains("\"vocab_size\": 64"), "{config}");
 }
 
 #[test]
@@ -419,6 +423,27 @@ fn bad_input_is_refused_with_a_precise_message() {
     refused(d, "merge_method: linear\nmodels:\n  - model: ./base\n    parameters: {weight: 1}\n  - model: ./wide\n    parameters: {weight: 1}\n", &["mlp", "shape", "wide"]);
     refused(d, "merge_method: linear\nmodels:\n  - model: ./base\n    parameters: {weight: 1}\n  - model: ./ft1\n    parameters: {weight: -1}\n", &["sum to zero"]);
     refused(d, "merge_method: linear\nmodels:\n  - model: ./base\n    parameters: {weight: 1}\ndtype: float64\n", &["dtype", "float64", "line 5"]);
+
+    // Tokenizer settings.
+    let lin = "merge_method: linear\nbase_model: ./base\nmodels:\n  - model: ./base\n    parameters: {weight: 1}\n  - model: ./ft1\n    parameters: {weight: 1}\n";
+    refused(
+        d,
+        &format!("{lin}tokenizer_source: union\ntokenizer: {{source: base}}\n"),
+        &["tokenizer_source", "not both", "line 8"],
+    );
+    refused(d, &format!("{lin}tokenizer:\n  tokens:\n    t5:\n      source: {{kind: model_token, model: ./ft1}}\n"), &["tokenizer.tokens.t5", "token_id", "line 11"]);
+    refused(
+        d,
+        &format!("{lin}tokenizer:\n  tokens:\n    t5:\n      source: ./ft2\n      force: true\n"),
+        &["model.embed_tokens.weight", "not an input"],
+    );
+    refused(d, &format!("{lin}tokenizer:\n  tokens:\n    t5:\n      source: {{kind: model_token, model: ./ft1, token: nope}}\n"), &["nope", "ft1"]);
+    std::fs::remove_file(d.join("base/tokenizer.json")).unwrap();
+    refused(
+        d,
+        &format!("{lin}tokenizer_source: union\n"),
+        &["base", "tokenizer.json", "union"],
+    );
 
     // A tensor missing from one model.
     let mut no_head = ModelSpec::tiny(Family::Qwen2, Dtype::BF16, 1);

@@ -9,7 +9,7 @@ use common::*;
 use fusekit::checkpoint::Checkpoint;
 use fusekit::dtype::Dtype;
 use fusekit::extract_lora::{extract_lora, ExtractOptions};
-use fusekit::fixtures::{write_lora, Family, LoraSpec};
+use fusekit::fixtures::{write_lora, write_model, Family, LoraSpec, ModelSpec};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -141,6 +141,54 @@ fn make_lora(model: &Path, spec: &serde_json::Value, out: &Path) {
     write_lora(&checkpoint, &lora, out).unwrap();
 }
 
+/// Puts mergekit's vocabulary rows in fusekit's token order: mergekit numbers the tokens a union
+/// adds in a hash map's order, so rows are matched by token (padding rows by position).
+fn align_vocabulary(ours: &Path, their_vocab: &Path, theirs: &mut BTreeMap<String, Loaded>) {
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let tokenizer = read(&ours.join("tokenizer.json"));
+    let mut our_ids: BTreeMap<String, u64> = tokenizer["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(t, id)| (t.clone(), id.as_u64().unwrap()))
+        .collect();
+    for t in tokenizer["added_tokens"].as_array().unwrap() {
+        our_ids.insert(
+            t["content"].as_str().unwrap().into(),
+            t["id"].as_u64().unwrap(),
+        );
+    }
+    let their_ids = read(their_vocab);
+    assert_eq!(
+        our_ids.len(),
+        their_ids.as_object().unwrap().len(),
+        "vocabulary sizes"
+    );
+    let mut theirs_of = vec![usize::MAX; our_ids.len()];
+    for (token, id) in &our_ids {
+        let theirs = their_ids[token.as_str()]
+            .as_u64()
+            .unwrap_or_else(|| panic!("mergekit's vocabulary lacks `{token}`"));
+        theirs_of[*id as usize] = theirs as usize;
+    }
+    for (name, t) in theirs.iter_mut() {
+        if !fusekit::vocab::is_vocabulary_tensor(name) {
+            continue;
+        }
+        let cols = t.shape[1];
+        let row = |r: usize| theirs_of.get(r).copied().unwrap_or(r);
+        t.bits = (0..t.shape[0])
+            .flat_map(|r| t.bits[row(r) * cols..(row(r) + 1) * cols].to_vec())
+            .collect();
+        let values: Vec<f32> = (0..t.shape[0])
+            .flat_map(|r| t.values[row(r) * cols..(row(r) + 1) * cols].to_vec())
+            .collect();
+        t.values = values;
+    }
+}
+
 /// One input of a case: a model, a LoRA adapter made for one, or an adapter extracted from one.
 fn make_input(dir: &Path, family: Family, dtype: Dtype, out: &Path, spec: &serde_json::Value) {
     let path = |key: &serde_json::Value| dir.join(key.as_str().unwrap());
@@ -164,10 +212,12 @@ fn make_input(dir: &Path, family: Family, dtype: Dtype, out: &Path, spec: &serde
         )
         .unwrap();
     } else {
-        let finetune = spec
-            .get("finetune")
-            .map(|f| (f[0].as_u64().unwrap(), f[1].as_f64().unwrap() as f32));
-        make(out, family, dtype, spec["seed"].as_u64().unwrap(), finetune);
+        let mut model = ModelSpec::tiny(family, dtype, spec["seed"].as_u64().unwrap());
+        if let Some(f) = spec.get("finetune") {
+            model = model.finetuned(f[0].as_u64().unwrap(), f[1].as_f64().unwrap() as f32);
+        }
+        model.tokenizer_variant = spec.get("tokenizer").map_or(0, |v| v.as_u64().unwrap());
+        write_model(&model, out).unwrap();
     }
 }
 
@@ -188,7 +238,11 @@ fn run_case(case: &serde_json::Value) -> Report {
     .unwrap_or_else(|e| panic!("{name}: {e}"));
     let ours = load_model(&dir.path().join("out"));
     let reference_dir = repo().join("tests/mergekit/reference");
-    let theirs = load_file(&reference_dir.join(format!("{name}.safetensors")));
+    let mut theirs = load_file(&reference_dir.join(format!("{name}.safetensors")));
+    let their_vocab = reference_dir.join(format!("{name}.vocab.json"));
+    if their_vocab.is_file() {
+        align_vocabulary(&dir.path().join("out"), &their_vocab, &mut theirs);
+    }
     assert_eq!(
         ours.keys().collect::<Vec<_>>(),
         theirs.keys().collect::<Vec<_>>(),
@@ -279,6 +333,13 @@ fn run_case(case: &serde_json::Value) -> Report {
             .filter_map(|m| m.get(tensor))
             .filter(|t| t.shape == a.shape && !t.values.is_empty())
             .collect();
+        // A vocabulary tensor in a new vocabulary has no operand at the same index; its rows
+        // (and padding means over them) come from rows of the tensor's magnitude.
+        let floor = if operands.is_empty() {
+            b.values.iter().fold(0f32, |m, v| m.max(v.abs()))
+        } else {
+            0.0
+        };
         for (i, (x, y)) in a.bits.iter().zip(&b.bits).enumerate() {
             let d = ulps(a.dtype, *x, *y);
             if d > 1 && ties[i] {
@@ -295,7 +356,7 @@ fn run_case(case: &serde_json::Value) -> Report {
                 let magnitude = operands
                     .iter()
                     .map(|t| t.values[i].abs())
-                    .fold(b.values[i].abs(), f32::max);
+                    .fold(b.values[i].abs().max(floor), f32::max);
                 let diff = (a.values[i] - b.values[i]).abs();
                 if is_ties && diff > 4.0 * ulp_at(a.dtype, magnitude) {
                     // Masks differ: a tie in mergekit's bf16 arithmetic that f32 does not see.

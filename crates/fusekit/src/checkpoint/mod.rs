@@ -3,10 +3,12 @@
 
 pub mod hub_cache;
 pub mod lora;
+pub mod rows;
 pub mod safetensors_file;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::kernels::convert::{decode, round_slice};
 use crate::kernels::low_rank::LowRank;
 use lora::Adapter;
 use memmap2::Mmap;
@@ -44,6 +46,8 @@ pub struct TensorSource {
     pub len: usize,
     /// A LoRA update to add to the stored values (the stored dtype's rounding applies after).
     pub update: Option<Arc<LowRank>>,
+    /// A vocabulary permutation the tensor is read through (`shape` is then the view's).
+    pub rows: Option<Arc<rows::RowMap>>,
 }
 
 impl TensorSource {
@@ -60,6 +64,27 @@ impl TensorSource {
             start: entry.start,
             len: entry.len,
             update,
+            rows: None,
+        }
+    }
+
+    /// Whether the stored bytes are the tensor's values as they are (no adapter, no permutation).
+    pub fn is_verbatim(&self) -> bool {
+        self.update.is_none() && self.rows.is_none()
+    }
+
+    /// Elements `first .. first + out.len()` in f32, with the adapter or permutation applied.
+    pub fn read_f32(&self, first: usize, out: &mut [f32]) {
+        if let Some(rows) = &self.rows {
+            return rows.read(first, out);
+        }
+        decode(self.dtype, self.bytes(first, out.len()), out);
+        if let Some(update) = &self.update {
+            // As if the adapter had been merged into a checkpoint of the stored dtype first.
+            update.add_to(first, out);
+            if self.dtype != Dtype::F32 {
+                round_slice(self.dtype, out);
+            }
         }
     }
 

@@ -34,9 +34,53 @@ pub struct MergeConfig {
     #[serde(default)]
     pub tokenizer_source: Option<Spanned<String>>,
     #[serde(default)]
-    pub tokenizer: Option<Spanned<serde_json::Value>>,
+    pub tokenizer: Option<TokenizerBlock>,
     #[serde(default)]
     pub chat_template: Option<Spanned<String>>,
+}
+
+/// mergekit's `tokenizer:` block: the output vocabulary and per-token embedding rules.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerBlock {
+    /// `union` (default), `base`, or a model.
+    #[serde(default)]
+    pub source: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tokens: Option<std::collections::BTreeMap<String, TokenRule>>,
+    #[serde(default)]
+    pub pad_to_multiple_of: Option<Spanned<usize>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRule {
+    pub source: Spanned<TokenSource>,
+    /// Use the rule even for models that have the token.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Where a token's embedding comes from: a model's row for the same token, a model's row for
+/// another token (`kind: model_token`), or zeros (`kind: zero`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TokenSource {
+    Model(String),
+    Kind(TokenSourceKind),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TokenSourceKind {
+    ModelToken {
+        model: String,
+        #[serde(default)]
+        token: Option<String>,
+        #[serde(default)]
+        token_id: Option<u32>,
+    },
+    Zero,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,8 +158,28 @@ fn validate_shape(c: &MergeConfig) -> Result<()> {
             "multi-module configs are not supported yet; use `models` or `slices`",
         ));
     }
-    if let Some(t) = &c.tokenizer {
-        return Err(error_at(t, "tokenizer", "the `tokenizer` block (vocabulary union) is not supported yet; use `tokenizer_source: base` or a model"));
+    if let (Some(s), Some(_)) = (&c.tokenizer_source, &c.tokenizer) {
+        return Err(error_at(
+            s,
+            "tokenizer_source",
+            "give either `tokenizer_source` or a `tokenizer` block, not both",
+        ));
+    }
+    for (token, rule) in c.tokenizer.iter().flat_map(|t| t.tokens.iter().flatten()) {
+        if let TokenSource::Kind(TokenSourceKind::ModelToken {
+            token: name,
+            token_id,
+            ..
+        }) = &rule.source.value
+        {
+            if name.is_some() == token_id.is_some() {
+                return Err(error_at(
+                    &rule.source,
+                    &format!("tokenizer.tokens.{token}.source"),
+                    "`model_token` needs exactly one of `token` and `token_id`",
+                ));
+            }
+        }
     }
     match (&c.models, &c.slices) {
         (Some(_), Some(_)) => Err(Error::config("give either `models` or `slices`, not both")),

@@ -235,11 +235,13 @@ impl MergeConfig {
                 .map(|source| &source.model)
                 .chain(s.base_model.iter())
         });
+        let tokenizer = self.tokenizer.iter().flat_map(|t| t.source.iter());
         self.base_model
             .iter()
             .chain(models)
             .chain(slices)
             .chain(self.tokenizer_source.iter())
+            .chain(tokenizer)
     }
 
     fn model_references_mut(&mut self) -> impl Iterator<Item = &mut Spanned<String>> {
@@ -250,11 +252,13 @@ impl MergeConfig {
                 .map(|source| &mut source.model)
                 .chain(s.base_model.iter_mut())
         });
+        let tokenizer = self.tokenizer.iter_mut().flat_map(|t| t.source.iter_mut());
         self.base_model
             .iter_mut()
             .chain(models)
             .chain(slices)
             .chain(self.tokenizer_source.iter_mut())
+            .chain(tokenizer)
     }
 }
 

@@ -11,7 +11,7 @@
 use crate::checkpoint::TensorSource;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::kernels::convert::{decode, encode, round_slice};
+use crate::kernels::convert::{encode, round_slice};
 use crate::kernels::{with_scratch, BLOCK};
 use crate::methods::{TensorContext, TensorMerger, MAX_PASSES};
 use crate::plan::{MergeTask, Plan, TensorTask, Work};
@@ -119,6 +119,10 @@ fn copy(source: &TensorSource, writer: &Writer, share: usize) -> Result<()> {
 /// Drops mapped pages already consumed, so resident memory stays within the budget. The page
 /// cache keeps them; this only unmaps them from our process.
 fn release(source: &TensorSource, first: usize, count: usize) {
+    if source.rows.is_some() {
+        // Read out of order through a permutation: nothing is behind the reader.
+        return;
+    }
     let size = source.dtype.size();
     // SAFETY: the map is a read-only file mapping; MADV_DONTNEED only drops our view of the
     // pages, which are faulted in again from the file if read later.
@@ -140,14 +144,7 @@ struct Input<'a> {
 
 impl Input<'_> {
     fn decode(&self, first: usize, out: &mut [f32]) {
-        decode(self.source.dtype, self.source.bytes(first, out.len()), out);
-        if let Some(update) = &self.source.update {
-            // As if the adapter had been merged into a checkpoint of the stored dtype first.
-            update.add_to(first, out);
-            if self.source.dtype != Dtype::F32 {
-                round_slice(self.source.dtype, out);
-            }
-        }
+        self.source.read_f32(first, out);
         if let Some(dtype) = self.cast {
             round_slice(dtype, out);
         }

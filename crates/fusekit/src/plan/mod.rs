@@ -1,19 +1,22 @@
 //! The plan: from a config and the inputs' headers, every output tensor with its method inputs,
 //! resolved parameters, output dtype, shard and byte offset, plus the small files to write.
-//! Building it reads no tensor data, so `--dry-run` is instant and every config error surfaces
-//! before a byte is written.
+//! Building it reads no tensor data (but for the mean row that `pad_to_multiple_of` pads a new
+//! vocabulary with), so `--dry-run` is instant and every config error surfaces before a byte is
+//! written.
 
 mod params;
 pub mod shards;
 
 use crate::arch::{self, Position};
 use crate::checkpoint::{Checkpoint, TensorSource};
-use crate::config::{error_at, LoadedConfig};
+use crate::config::{self, error_at, LoadedConfig};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::methods::{self, BasePolicy, Method, ResolvedParams};
+use crate::vocab::{self, Vocabulary};
 use params::{InputParams, ParamScope};
 use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
 use std::fmt;
 
 #[derive(Debug, Clone)]
@@ -43,6 +46,9 @@ pub struct Plan {
     pub output_config: serde_json::Value,
     /// Model whose tokenizer and generation config are copied.
     pub tokenizer_donor: usize,
+    /// The output vocabulary, when the config asks for one (`tokenizer_source`, `tokenizer:`);
+    /// its tokenizer replaces the donor's `tokenizer.json`.
+    pub vocabulary: Option<Vocabulary>,
     pub chat_template: Option<String>,
     pub config_text: String,
     pub compute_dtype: Option<Dtype>,
@@ -210,10 +216,11 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
         }
     }
 
-    let mut tensors = Vec::new();
-    let mut layers_out = 0;
     let first = &slices[0];
     let last = slices.last().expect("validated non-empty");
+    let (tokenizer_donor, vocabulary) = tokenizer_plan(loaded, &mut models, base, &slices)?;
+    let mut tensors = Vec::new();
+    let mut layers_out = 0;
     let planner = TensorPlanner {
         models: &models,
         method,
@@ -221,6 +228,7 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
         compute_dtype,
         out_dtype,
         seed: options.seed,
+        vocabulary: vocabulary.as_ref(),
     };
     for name in names_at(&models.list[first.sources[0].model], Position::Pre) {
         tensors.push(planner.plan(first, &name, &name, None, 0.0)?);
@@ -247,13 +255,15 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
     }
 
     let shards = assign_shards(&mut tensors, options.max_shard_size);
-    let tokenizer_donor = tokenizer_donor(loaded, &mut models, base, first)?;
     let donor_config = base.unwrap_or(first.sources[0].model);
-    let output_config = output_config(
+    let mut output_config = output_config(
         &models.list[donor_config].config,
         out_dtype.or(compute_dtype),
         layers_out,
     );
+    if let Some(v) = &vocabulary {
+        set_vocab_size(&mut output_config, v.rows);
+    }
     let chat_template = c
         .chat_template
         .as_ref()
@@ -267,6 +277,7 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
         shards,
         output_config,
         tokenizer_donor,
+        vocabulary,
         chat_template,
         config_text: loaded.text.clone(),
         compute_dtype,
@@ -392,6 +403,7 @@ struct TensorPlanner<'a> {
     compute_dtype: Option<Dtype>,
     out_dtype: Option<Dtype>,
     seed: u64,
+    vocabulary: Option<&'a Vocabulary>,
 }
 
 impl TensorPlanner<'_> {
@@ -412,7 +424,9 @@ impl TensorPlanner<'_> {
             compute_dtype,
             out_dtype,
             seed,
+            vocabulary,
         } = *self;
+        let vocabulary = vocabulary.filter(|_| crate::vocab::is_vocabulary_tensor(reference_name));
         let spec = method.spec();
         let input_name = |s: &Source| match layer_offset {
             Some(offset) => arch::with_layer(reference_name, s.start + offset),
@@ -449,7 +463,7 @@ impl TensorPlanner<'_> {
                     ),
                 )
             })?;
-            if source.shape != reference.shape {
+            if source.shape != reference.shape && vocabulary.is_none() {
                 return Err(Error::tensor(
                     &name,
                     format!(
@@ -477,6 +491,17 @@ impl TensorPlanner<'_> {
                 source,
             });
         }
+        if let Some(vocabulary) = vocabulary {
+            let stored: Vec<(usize, TensorSource)> =
+                inputs.iter().map(|i| (i.model, i.source.clone())).collect();
+            for (input, view) in inputs
+                .iter_mut()
+                .zip(vocabulary.permute(out_name, &stored)?)
+            {
+                input.source = view;
+            }
+        }
+        let shape = inputs[0].source.shape.clone();
         let base = slice
             .base
             .and_then(|b| slice.sources.iter().position(|s| s.model == b));
@@ -497,7 +522,7 @@ impl TensorPlanner<'_> {
             .unwrap_or_else(|| promoted(inputs.iter().map(|i| i.source.dtype)));
         let plain_copy = spec.name == "passthrough"
             && params.per_input[0].is_empty()
-            && inputs[0].source.update.is_none()
+            && inputs[0].source.is_verbatim()
             && dtype == inputs[0].source.dtype
             && compute_dtype.is_none_or(|c| c == dtype);
         let work = if plain_copy {
@@ -516,7 +541,7 @@ impl TensorPlanner<'_> {
         };
         Ok(TensorTask {
             name: out_name.to_string(),
-            shape: reference.shape.clone(),
+            shape,
             dtype,
             shard: 0,
             offset: 0,
@@ -569,24 +594,92 @@ fn assign_shards(tensors: &mut [TensorTask], max_bytes: usize) -> Vec<Shard> {
     shards
 }
 
-fn tokenizer_donor(
+/// The model whose tokenizer files are copied, and the output vocabulary if the config asks for
+/// one (`tokenizer_source: union | base | MODEL`, or a `tokenizer:` block).
+fn tokenizer_plan(
     loaded: &LoadedConfig,
     models: &mut Models,
     base: Option<usize>,
-    first: &Slice,
-) -> Result<usize> {
-    let fallback = base.unwrap_or(first.sources[0].model);
-    match &loaded.config.tokenizer_source {
-        None => Ok(fallback),
-        Some(s) if s.value == "base" => {
-            base.ok_or_else(|| error_at(s, "tokenizer_source", "`base` needs `base_model`"))
+    slices: &[Slice],
+) -> Result<(usize, Option<Vocabulary>)> {
+    let c = &loaded.config;
+    let fallback = base.unwrap_or(slices[0].sources[0].model);
+    let (source, key) = match (&c.tokenizer_source, &c.tokenizer) {
+        (Some(s), _) => (Some(s), "tokenizer_source"),
+        (None, Some(block)) => (block.source.as_ref(), "tokenizer.source"),
+        (None, None) => return Ok((fallback, None)),
+    };
+    let source = match source.map(|s| (s, s.value.as_str())) {
+        None | Some((_, "union")) => vocab::Source::Union,
+        Some((s, "base")) => {
+            vocab::Source::Model(base.ok_or_else(|| error_at(s, key, "`base` needs `base_model`"))?)
         }
-        Some(s) if s.value == "union" => Err(error_at(
-            s,
-            "tokenizer_source",
-            "`union` (vocabulary merge) is not supported yet; use `base` or a model",
-        )),
-        Some(s) => models.open(s, "tokenizer_source"),
+        Some((s, _)) => vocab::Source::Model(models.open(s, key)?),
+    };
+    let block = c.tokenizer.as_ref();
+    let mut tokens = BTreeMap::new();
+    for (token, rule) in block.iter().flat_map(|b| b.tokens.iter().flatten()) {
+        let key = format!("tokenizer.tokens.{token}.source");
+        let mut open = |model: &str| models.open(&spanned_like(&rule.source, model), &key);
+        let from = match &rule.source.value {
+            config::TokenSource::Model(m) => vocab::RuleSource::Model(open(m)?),
+            config::TokenSource::Kind(config::TokenSourceKind::Zero) => vocab::RuleSource::Zero,
+            config::TokenSource::Kind(config::TokenSourceKind::ModelToken {
+                model,
+                token,
+                token_id,
+            }) => vocab::RuleSource::ModelToken {
+                model: open(model)?,
+                token: token.clone(),
+                token_id: *token_id,
+            },
+        };
+        tokens.insert(
+            token.clone(),
+            vocab::TokenRule {
+                from,
+                force: rule.force,
+            },
+        );
+    }
+    let spec = vocab::VocabularySpec {
+        source,
+        tokens,
+        pad_to_multiple_of: block
+            .and_then(|b| b.pad_to_multiple_of.as_ref())
+            .map(|p| p.value),
+    };
+    let mut inputs: Vec<usize> = Vec::new();
+    for s in slices.iter().flat_map(|s| s.sources.iter()) {
+        if !inputs.contains(&s.model) {
+            inputs.push(s.model);
+        }
+    }
+    let vocabulary = Vocabulary::build(&spec, &models.list, &inputs, base)?;
+    let donor = match source {
+        vocab::Source::Model(m) => m,
+        vocab::Source::Union => fallback,
+    };
+    Ok((donor, vocabulary))
+}
+
+/// A model reference that appears inside a larger config value, with that value's position.
+fn spanned_like<T>(at: &Spanned<T>, value: &str) -> Spanned<String> {
+    Spanned {
+        value: value.to_string(),
+        referenced: at.referenced,
+        defined: at.defined,
+    }
+}
+
+fn set_vocab_size(config: &mut serde_json::Value, rows: usize) {
+    if let Some(text) = config
+        .get_mut("text_config")
+        .filter(|t| t.get("vocab_size").is_some())
+    {
+        text["vocab_size"] = rows.into();
+    } else if let Some(obj) = config.as_object_mut() {
+        obj.insert("vocab_size".into(), rows.into());
     }
 }
 

@@ -195,6 +195,9 @@ fn write_small_files(plan: &Plan, dir: &Path) -> Result<()> {
             std::fs::copy(&from, dir.join(name)).map_err(|e| Error::io(&from, e))?;
         }
     }
+    if let Some(vocabulary) = plan.vocabulary.as_ref().filter(|v| v.rewritten) {
+        write_vocabulary(vocabulary, dir)?;
+    }
     if let Some(template) = &plan.chat_template {
         let path = dir.join("tokenizer_config.json");
         let mut config = if path.is_file() {
@@ -211,6 +214,23 @@ fn write_small_files(plan: &Plan, dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(dir.join("mergekit_config.yml"), e))?;
     std::fs::write(dir.join("README.md"), model_card(plan))
         .map_err(|e| Error::io(dir.join("README.md"), e))
+}
+
+/// The output tokenizer as `tokenizer.json`, and its added tokens in `tokenizer_config.json`.
+fn write_vocabulary(vocabulary: &crate::vocab::Vocabulary, dir: &Path) -> Result<()> {
+    let path = dir.join(crate::vocab::TOKENIZER_FILE);
+    vocabulary
+        .tokenizer
+        .save(&path, true)
+        .map_err(|e| Error::bad_file(&path, format!("cannot write the tokenizer: {e}")))?;
+    let path = dir.join("tokenizer_config.json");
+    let mut config = if path.is_file() {
+        crate::checkpoint::read_json(&path)?
+    } else {
+        serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"})
+    };
+    config["added_tokens_decoder"] = vocabulary.added_tokens_decoder();
+    write_json(&path, &config)
 }
 
 fn model_card(plan: &Plan) -> String {
