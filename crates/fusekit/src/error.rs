@@ -50,4 +50,13 @@ impl Error {
     pub fn config(message: impl Into<String>) -> Self {
         Error::Config(message.into())
     }
+
+    /// A config error prefixed with where it applies (`modules.vision_tower: …`); other errors
+    /// already name their file, tensor or model.
+    pub fn context(self, at: &str) -> Self {
+        match self {
+            Error::Config(message) => Error::Config(format!("{at}: {message}")),
+            other => other,
+        }
+    }
 }

@@ -20,15 +20,19 @@ pub enum Family {
     Qwen2,
     Gpt2,
     Bert,
+    /// A LLaVA-shaped vision-language model: a vision tower, a projector and a Llama decoder
+    /// under `language_model.` (for `modules:`).
+    Llava,
 }
 
 impl Family {
-    pub const ALL: [Family; 5] = [
+    pub const ALL: [Family; 6] = [
         Family::Llama,
         Family::Mistral,
         Family::Qwen2,
         Family::Gpt2,
         Family::Bert,
+        Family::Llava,
     ];
 
     pub fn parse(name: &str) -> Option<Family> {
@@ -42,6 +46,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Gpt2 => "gpt2",
             Family::Bert => "bert",
+            Family::Llava => "llava",
         }
     }
 }
@@ -115,6 +120,58 @@ impl ModelSpec {
         let mut t: Vec<(String, Vec<usize>, Init)> = Vec::new();
         let mut add = |name: String, shape: Vec<usize>, init: Init| t.push((name, shape, init));
         match self.family {
+            Family::Llava => {
+                let hv = h / 2;
+                let p = "vision_tower.vision_model";
+                add(
+                    format!("{p}.embeddings.patch_embedding.weight"),
+                    vec![hv, 3, 2, 2],
+                    w(12),
+                );
+                add(
+                    format!("{p}.embeddings.position_embedding.weight"),
+                    vec![16, hv],
+                    Init::Uniform(0.1),
+                );
+                for l in 0..VISION_LAYERS {
+                    let q = format!("{p}.encoder.layers.{l}");
+                    for m in [
+                        "self_attn.q_proj",
+                        "self_attn.k_proj",
+                        "self_attn.v_proj",
+                        "self_attn.out_proj",
+                    ] {
+                        add(format!("{q}.{m}.weight"), vec![hv, hv], w(hv));
+                        add(format!("{q}.{m}.bias"), vec![hv], Init::Uniform(0.1));
+                    }
+                    add(format!("{q}.layer_norm1.weight"), vec![hv], Init::Norm);
+                    add(format!("{q}.mlp.fc1.weight"), vec![2 * hv, hv], w(hv));
+                    add(format!("{q}.mlp.fc2.weight"), vec![hv, 2 * hv], w(2 * hv));
+                }
+                add(format!("{p}.post_layernorm.weight"), vec![hv], Init::Norm);
+                add(
+                    "multi_modal_projector.linear_1.weight".into(),
+                    vec![h, hv],
+                    w(hv),
+                );
+                add(
+                    "multi_modal_projector.linear_1.bias".into(),
+                    vec![h],
+                    Init::Uniform(0.1),
+                );
+                add(
+                    "multi_modal_projector.linear_2.weight".into(),
+                    vec![h, h],
+                    w(h),
+                );
+                let text = ModelSpec {
+                    family: Family::Llama,
+                    ..self.clone()
+                };
+                for (name, shape, init) in text.tensors() {
+                    add(format!("language_model.{name}"), shape, init);
+                }
+            }
             Family::Llama | Family::Mistral | Family::Qwen2 => {
                 add(
                     "model.embed_tokens.weight".into(),
@@ -257,6 +314,19 @@ impl ModelSpec {
     pub fn config(&self) -> serde_json::Value {
         let dtype = self.dtype.torch_name();
         match self.family {
+            Family::Llava => {
+                let text = ModelSpec {
+                    family: Family::Llama,
+                    ..self.clone()
+                };
+                serde_json::json!({
+                    "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+                    "text_config": text.config(),
+                    "vision_config": {"model_type": "clip_vision_model", "hidden_size": self.hidden / 2,
+                        "num_hidden_layers": VISION_LAYERS, "patch_size": 2, "image_size": 8},
+                    "torch_dtype": dtype
+                })
+            }
             Family::Llama | Family::Mistral | Family::Qwen2 => {
                 let (arch, ty) = match self.family {
                     Family::Llama => ("LlamaForCausalLM", "llama"),
@@ -418,6 +488,9 @@ pub fn write_model(spec: &ModelSpec, dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Layers of the fixture vision tower.
+const VISION_LAYERS: usize = 2;
 
 /// Vocabularies larger than this get no `tokenizer.json` (the benchmark models).
 const MAX_FIXTURE_TOKENIZER: usize = 4096;

@@ -24,7 +24,7 @@ pub struct MergeConfig {
     #[serde(default)]
     pub slices: Option<Vec<InputSlice>>,
     #[serde(default)]
-    pub modules: Option<Spanned<serde_json::Value>>,
+    pub modules: Option<std::collections::BTreeMap<String, ModuleConfig>>,
     #[serde(default)]
     pub parameters: Option<ParamMap>,
     #[serde(default)]
@@ -37,6 +37,18 @@ pub struct MergeConfig {
     pub tokenizer: Option<TokenizerBlock>,
     #[serde(default)]
     pub chat_template: Option<Spanned<String>>,
+}
+
+/// One part of a multi-module model (`modules: {NAME: …}`), merged with its own inputs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    #[serde(default)]
+    pub models: Option<Vec<InputModel>>,
+    #[serde(default)]
+    pub slices: Option<Vec<InputSlice>>,
+    #[serde(default)]
+    pub parameters: Option<ParamMap>,
 }
 
 /// mergekit's `tokenizer:` block: the output vocabulary and per-token embedding rules.
@@ -151,13 +163,6 @@ fn parse_document(config: MergeConfig, text: String, origin: &str) -> Result<Loa
 }
 
 fn validate_shape(c: &MergeConfig) -> Result<()> {
-    if let Some(m) = &c.modules {
-        return Err(error_at(
-            m,
-            "modules",
-            "multi-module configs are not supported yet; use `models` or `slices`",
-        ));
-    }
     if let (Some(s), Some(_)) = (&c.tokenizer_source, &c.tokenizer) {
         return Err(error_at(
             s,
@@ -181,14 +186,31 @@ fn validate_shape(c: &MergeConfig) -> Result<()> {
             }
         }
     }
-    match (&c.models, &c.slices) {
-        (Some(_), Some(_)) => Err(Error::config("give either `models` or `slices`, not both")),
-        (None, None) => Err(Error::config("one of `models` or `slices` is required")),
-        (Some(m), None) if m.is_empty() => Err(Error::config("`models` is empty")),
-        (None, Some(s)) if s.is_empty() => Err(Error::config("`slices` is empty")),
-        _ => Ok(()),
-    }?;
-    for slice in c.slices.iter().flatten() {
+    match &c.modules {
+        Some(_) if c.models.is_some() || c.slices.is_some() => {
+            return Err(Error::config(
+                "give `modules`, or `models`/`slices` at the top level, not both",
+            ))
+        }
+        Some(modules) if modules.is_empty() => return Err(Error::config("`modules` is empty")),
+        Some(modules) => {
+            for (name, m) in modules {
+                inputs_shape(m.models.as_ref(), m.slices.as_ref())
+                    .map_err(|e| Error::config(format!("modules.{name}: {e}")))?;
+            }
+        }
+        None => inputs_shape(c.models.as_ref(), c.slices.as_ref()).map_err(Error::config)?,
+    }
+    let all_slices = c
+        .slices
+        .iter()
+        .chain(
+            c.modules
+                .iter()
+                .flat_map(|m| m.values().flat_map(|m| m.slices.iter())),
+        )
+        .flatten();
+    for slice in all_slices {
         for source in &slice.sources {
             let [a, b] = source.layer_range.value;
             if a >= b {
@@ -201,6 +223,20 @@ fn validate_shape(c: &MergeConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One part's inputs: either `models` or `slices`, not empty.
+fn inputs_shape(
+    models: Option<&Vec<InputModel>>,
+    slices: Option<&Vec<InputSlice>>,
+) -> std::result::Result<(), &'static str> {
+    match (models, slices) {
+        (Some(_), Some(_)) => Err("give either `models` or `slices`, not both"),
+        (None, None) => Err("one of `models` or `slices` is required"),
+        (Some(m), None) if m.is_empty() => Err("`models` is empty"),
+        (None, Some(s)) if s.is_empty() => Err("`slices` is empty"),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

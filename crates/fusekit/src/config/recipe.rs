@@ -226,37 +226,52 @@ impl Recipe {
 }
 
 impl MergeConfig {
-    /// Every place a model is named: base models, inputs, slice sources, the tokenizer source.
+    /// Every place a model is named: base models, inputs and slice sources (at the top level and
+    /// in every module), the tokenizer source.
     pub fn model_references(&self) -> impl Iterator<Item = &Spanned<String>> {
-        let models = self.models.iter().flatten().map(|m| &m.model);
-        let slices = self.slices.iter().flatten().flat_map(|s| {
-            s.sources
+        let parts = std::iter::once((&self.models, &self.slices)).chain(
+            self.modules
                 .iter()
-                .map(|source| &source.model)
-                .chain(s.base_model.iter())
+                .flat_map(|m| m.values().map(|m| (&m.models, &m.slices))),
+        );
+        let inputs = parts.flat_map(|(models, slices)| {
+            let models = models.iter().flatten().map(|m| &m.model);
+            let slices = slices.iter().flatten().flat_map(|s| {
+                s.sources
+                    .iter()
+                    .map(|source| &source.model)
+                    .chain(s.base_model.iter())
+            });
+            models.chain(slices)
         });
         let tokenizer = self.tokenizer.iter().flat_map(|t| t.source.iter());
         self.base_model
             .iter()
-            .chain(models)
-            .chain(slices)
+            .chain(inputs)
             .chain(self.tokenizer_source.iter())
             .chain(tokenizer)
     }
 
     fn model_references_mut(&mut self) -> impl Iterator<Item = &mut Spanned<String>> {
-        let models = self.models.iter_mut().flatten().map(|m| &mut m.model);
-        let slices = self.slices.iter_mut().flatten().flat_map(|s| {
-            s.sources
+        let parts = std::iter::once((&mut self.models, &mut self.slices)).chain(
+            self.modules
                 .iter_mut()
-                .map(|source| &mut source.model)
-                .chain(s.base_model.iter_mut())
+                .flat_map(|m| m.values_mut().map(|m| (&mut m.models, &mut m.slices))),
+        );
+        let inputs = parts.flat_map(|(models, slices)| {
+            let models = models.iter_mut().flatten().map(|m| &mut m.model);
+            let slices = slices.iter_mut().flatten().flat_map(|s| {
+                s.sources
+                    .iter_mut()
+                    .map(|source| &mut source.model)
+                    .chain(s.base_model.iter_mut())
+            });
+            models.chain(slices)
         });
         let tokenizer = self.tokenizer.iter_mut().flat_map(|t| t.source.iter_mut());
         self.base_model
             .iter_mut()
-            .chain(models)
-            .chain(slices)
+            .chain(inputs)
             .chain(self.tokenizer_source.iter_mut())
             .chain(tokenizer)
     }

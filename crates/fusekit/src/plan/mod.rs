@@ -4,6 +4,7 @@
 //! vocabulary with), so `--dry-run` is instant and every config error surfaces before a byte is
 //! written.
 
+mod modules;
 mod params;
 pub mod shards;
 
@@ -14,6 +15,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::methods::{self, BasePolicy, Method, ResolvedParams};
 use crate::vocab::{self, Vocabulary};
+use modules::Module;
 use params::{InputParams, ParamScope};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
@@ -125,6 +127,13 @@ struct Source {
     params: ParamScope,
 }
 
+/// One part of the merge: the whole model, or one module with its own slices and parameters.
+struct Part {
+    module: Module,
+    slices: Vec<Slice>,
+    params: ParamScope,
+}
+
 struct Slice {
     sources: Vec<Source>,
     params: ParamScope,
@@ -151,18 +160,6 @@ impl Models {
         })?;
         self.list.push(model);
         Ok(self.list.len() - 1)
-    }
-
-    fn layer_count(&self, model: usize) -> usize {
-        let m = &self.list[model];
-        arch::layer_count_key(&m.config)
-            .map(|(_, n)| n)
-            .unwrap_or_else(|| {
-                m.tensor_names()
-                    .filter_map(|n| arch::split_layer(n).map(|(_, i, _)| i + 1))
-                    .max()
-                    .unwrap_or(0)
-            })
     }
 }
 
@@ -196,71 +193,69 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
         .map(|b| models.open(b, "base_model"))
         .transpose()?;
     let top = ParamScope::parse(c.parameters.as_ref(), spec)?;
-    let slices = build_slices(loaded, &mut models, base, spec)?;
-
-    if spec.base == BasePolicy::Required && slices.iter().any(|s| s.base.is_none()) {
-        return Err(Error::config(format!("`{}` needs `base_model`", spec.name)));
-    }
-    for (i, slice) in slices.iter().enumerate() {
-        let n = slice.sources.len();
-        if n < spec.min_inputs || spec.max_inputs.is_some_and(|max| n > max) {
-            let want = match spec.max_inputs {
-                Some(max) if max == spec.min_inputs => format!("exactly {max}"),
-                Some(max) => format!("{}–{max}", spec.min_inputs),
-                None => format!("at least {}", spec.min_inputs),
-            };
-            return Err(Error::config(format!(
-                "`{}` takes {want} input models, slice {i} has {n}",
-                spec.name
-            )));
-        }
-    }
-
-    let first = &slices[0];
-    let last = slices.last().expect("validated non-empty");
-    let (tokenizer_donor, vocabulary) = tokenizer_plan(loaded, &mut models, base, &slices)?;
-    let mut tensors = Vec::new();
-    let mut layers_out = 0;
-    let planner = TensorPlanner {
-        models: &models,
-        method,
-        top: &top,
-        compute_dtype,
-        out_dtype,
-        seed: options.seed,
-        vocabulary: vocabulary.as_ref(),
-    };
-    for name in names_at(&models.list[first.sources[0].model], Position::Pre) {
-        tensors.push(planner.plan(first, &name, &name, None, 0.0)?);
-    }
-    for slice in &slices {
-        let n = slice.sources[0].end - slice.sources[0].start;
-        for offset in 0..n {
-            // mergekit's gradient position: t = offset / (n − 1), or 1 for a one-layer slice.
-            let t = if n > 1 {
-                offset as f64 / (n - 1) as f64
-            } else {
-                1.0
-            };
-            let reference = &models.list[slice.sources[0].model];
-            for name in names_at(reference, Position::Layer(slice.sources[0].start + offset)) {
-                let out_name = arch::with_layer(&name, layers_out);
-                tensors.push(planner.plan(slice, &out_name, &name, Some(offset), t)?);
+    let mut parts = Vec::new();
+    match &c.modules {
+        None => parts.push(Part {
+            module: Module::WHOLE,
+            slices: build_slices(
+                c.models.as_ref(),
+                c.slices.as_ref(),
+                &mut models,
+                base,
+                spec,
+                Module::WHOLE,
+            )?,
+            params: ParamScope::default(),
+        }),
+        Some(modules) => {
+            for (name, m) in modules {
+                let module = Module::named(name)?;
+                let slices = build_slices(
+                    m.models.as_ref(),
+                    m.slices.as_ref(),
+                    &mut models,
+                    base,
+                    spec,
+                    module,
+                )
+                .map_err(|e| e.context(&format!("modules.{name}")))?;
+                parts.push(Part {
+                    module,
+                    slices,
+                    params: ParamScope::parse(m.parameters.as_ref(), spec)?,
+                });
             }
-            layers_out += 1;
         }
     }
-    for name in names_at(&models.list[last.sources[0].model], Position::Post) {
-        tensors.push(planner.plan(last, &name, &name, None, 0.0)?);
+    for part in &parts {
+        check_inputs(spec, part)?;
     }
+    check_modules_cover(&parts, &models)?;
 
-    let shards = assign_shards(&mut tensors, options.max_shard_size);
-    let donor_config = base.unwrap_or(first.sources[0].model);
+    let all_slices: Vec<&Slice> = parts.iter().flat_map(|p| &p.slices).collect();
+    let first_model = all_slices[0].sources[0].model;
+    let (tokenizer_donor, vocabulary) = tokenizer_plan(loaded, &mut models, base, &all_slices)?;
+    let donor_config = base.unwrap_or(first_model);
     let mut output_config = output_config(
         &models.list[donor_config].config,
         out_dtype.or(compute_dtype),
-        layers_out,
     );
+    let mut tensors = Vec::new();
+    for part in &parts {
+        let scopes = [&part.params, &top];
+        let planner = TensorPlanner {
+            models: &models,
+            method,
+            scopes: &scopes,
+            compute_dtype,
+            out_dtype,
+            seed: options.seed,
+            vocabulary: vocabulary.as_ref(),
+        };
+        let layers = planner.plan_part(part, &mut tensors)?;
+        part.module.set_layer_count(&mut output_config, layers);
+    }
+    let shards = assign_shards(&mut tensors, options.max_shard_size);
     if let Some(v) = &vocabulary {
         set_vocab_size(&mut output_config, v.rows);
     }
@@ -285,19 +280,62 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
     })
 }
 
+/// Every slice needs the base the method needs and as many inputs as it takes.
+fn check_inputs(spec: &methods::MethodSpec, part: &Part) -> Result<()> {
+    if spec.base == BasePolicy::Required && part.slices.iter().any(|s| s.base.is_none()) {
+        return Err(Error::config(format!("`{}` needs `base_model`", spec.name)));
+    }
+    for (i, slice) in part.slices.iter().enumerate() {
+        let n = slice.sources.len();
+        if n < spec.min_inputs || spec.max_inputs.is_some_and(|max| n > max) {
+            let want = match spec.max_inputs {
+                Some(max) if max == spec.min_inputs => format!("exactly {max}"),
+                Some(max) => format!("{}–{max}", spec.min_inputs),
+                None => format!("at least {}", spec.min_inputs),
+            };
+            return Err(Error::config(format!(
+                "`{}` takes {want} input models, slice {i} of {} has {n}",
+                spec.name,
+                part.module.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// With `modules`, every tensor of the reference model must belong to a listed module.
+fn check_modules_cover(parts: &[Part], models: &Models) -> Result<()> {
+    if parts.iter().any(|p| p.module.is_whole()) {
+        return Ok(());
+    }
+    let reference = &models.list[parts[0].slices[0].sources[0].model];
+    if let Some(orphan) = reference
+        .tensor_names()
+        .find(|n| !parts.iter().any(|p| p.module.owns(n)))
+    {
+        return Err(Error::config(format!(
+            "`{orphan}` belongs to module `{}`, which `modules` does not list",
+            Module::of(orphan).name()
+        )));
+    }
+    Ok(())
+}
+
+/// The slices of one part: the `models` form (one slice over all layers) or `slices`.
 fn build_slices(
-    loaded: &LoadedConfig,
+    list: Option<&Vec<config::InputModel>>,
+    slice_list: Option<&Vec<config::InputSlice>>,
     models: &mut Models,
     base: Option<usize>,
     spec: &'static methods::MethodSpec,
+    module: Module,
 ) -> Result<Vec<Slice>> {
-    let c = &loaded.config;
     let uses_base = spec.base != BasePolicy::Unused;
-    if let Some(list) = &c.models {
+    if let Some(list) = list {
         let mut sources = Vec::new();
         for m in list {
             let model = models.open(&m.model, "model")?;
-            let end = models.layer_count(model);
+            let end = module.layer_count(&models.list[model]);
             sources.push(Source {
                 model,
                 start: 0,
@@ -310,7 +348,7 @@ fn build_slices(
             sources.push(Source {
                 model: b,
                 start: 0,
-                end: models.layer_count(b),
+                end: module.layer_count(&models.list[b]),
                 params: ParamScope::default(),
             });
         }
@@ -333,7 +371,7 @@ fn build_slices(
         }]);
     }
     let mut slices = Vec::new();
-    for (i, s) in c.slices.iter().flatten().enumerate() {
+    for (i, s) in slice_list.into_iter().flatten().enumerate() {
         let slice_base = match &s.base_model {
             Some(b) => Some(models.open(b, "base_model")?),
             None => base,
@@ -342,7 +380,7 @@ fn build_slices(
         for src in &s.sources {
             let model = models.open(&src.model, "model")?;
             let [start, end] = src.layer_range.value;
-            let available = models.layer_count(model);
+            let available = module.layer_count(&models.list[model]);
             if end > available {
                 return Err(error_at(
                     &src.layer_range,
@@ -386,20 +424,12 @@ fn build_slices(
     Ok(slices)
 }
 
-/// Tensor names of `model` at one position, in the model's own (sorted) order.
-fn names_at(model: &Checkpoint, position: Position) -> Vec<String> {
-    model
-        .tensor_names()
-        .filter(|n| arch::position(n) == position)
-        .map(str::to_string)
-        .collect()
-}
-
 /// What every output tensor's planning shares.
 struct TensorPlanner<'a> {
     models: &'a Models,
     method: &'static dyn Method,
-    top: &'a ParamScope,
+    /// Parameter scopes outside the slices, innermost first (module, then top level).
+    scopes: &'a [&'a ParamScope],
     compute_dtype: Option<Dtype>,
     out_dtype: Option<Dtype>,
     seed: u64,
@@ -407,6 +437,39 @@ struct TensorPlanner<'a> {
 }
 
 impl TensorPlanner<'_> {
+    /// Plans every tensor of `part`: its pre-layer tensors from the first slice, its layers slice
+    /// by slice (renumbered), the rest from the last slice. Returns the layer count.
+    fn plan_part(&self, part: &Part, tensors: &mut Vec<TensorTask>) -> Result<usize> {
+        let (first, last) = (&part.slices[0], part.slices.last().expect("validated"));
+        let module = part.module;
+        let model = |slice: &Slice| &self.models.list[slice.sources[0].model];
+        for name in module.names_at(model(first), Position::Pre) {
+            tensors.push(self.plan(first, &name, &name, None, 0.0)?);
+        }
+        let mut layers_out = 0;
+        for slice in &part.slices {
+            let n = slice.sources[0].end - slice.sources[0].start;
+            for offset in 0..n {
+                // mergekit's gradient position: t = offset / (n − 1), or 1 for a one-layer slice.
+                let t = if n > 1 {
+                    offset as f64 / (n - 1) as f64
+                } else {
+                    1.0
+                };
+                let layer = Position::Layer(slice.sources[0].start + offset);
+                for name in module.names_at(model(slice), layer) {
+                    let out_name = arch::with_layer(&name, layers_out);
+                    tensors.push(self.plan(slice, &out_name, &name, Some(offset), t)?);
+                }
+                layers_out += 1;
+            }
+        }
+        for name in module.names_at(model(last), Position::Post) {
+            tensors.push(self.plan(last, &name, &name, None, 0.0)?);
+        }
+        Ok(layers_out)
+    }
+
     /// Plans output tensor `out_name` of `slice`, read as `reference_name` from the slice's first
     /// source (renumbered by `layer_offset` for the others), at gradient position `t`.
     fn plan(
@@ -420,7 +483,7 @@ impl TensorPlanner<'_> {
         let TensorPlanner {
             models,
             method,
-            top,
+            scopes,
             compute_dtype,
             out_dtype,
             seed,
@@ -516,7 +579,10 @@ impl TensorPlanner<'_> {
                 source: &s.params,
             })
             .collect();
-        let params = params::resolve(spec, out_name, t, &[&slice.params, top], &input_params)?;
+        let all_scopes: Vec<&ParamScope> = std::iter::once(&slice.params)
+            .chain(scopes.iter().copied())
+            .collect();
+        let params = params::resolve(spec, out_name, t, &all_scopes, &input_params)?;
         let dtype = out_dtype
             .or(compute_dtype)
             .unwrap_or_else(|| promoted(inputs.iter().map(|i| i.source.dtype)));
@@ -600,7 +666,7 @@ fn tokenizer_plan(
     loaded: &LoadedConfig,
     models: &mut Models,
     base: Option<usize>,
-    slices: &[Slice],
+    slices: &[&Slice],
 ) -> Result<(usize, Option<Vocabulary>)> {
     let c = &loaded.config;
     let fallback = base.unwrap_or(slices[0].sources[0].model);
@@ -683,11 +749,7 @@ fn set_vocab_size(config: &mut serde_json::Value, rows: usize) {
     }
 }
 
-fn output_config(
-    donor: &serde_json::Value,
-    dtype: Option<Dtype>,
-    layers: usize,
-) -> serde_json::Value {
+fn output_config(donor: &serde_json::Value, dtype: Option<Dtype>) -> serde_json::Value {
     let mut config = donor.clone();
     if let Some(obj) = config.as_object_mut() {
         if let Some(d) = dtype {
@@ -696,9 +758,6 @@ fn output_config(
                     obj.insert(key.to_string(), d.torch_name().into());
                 }
             }
-        }
-        if let Some((key, _)) = arch::layer_count_key(donor) {
-            obj.insert(key.to_string(), layers.into());
         }
     }
     config
