@@ -267,3 +267,134 @@ pub(crate) mod testing {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod degenerate_inputs {
+    //! Every method on the inputs that break naive formulas: identical models (zero task vectors),
+    //! colinear task vectors, 1-element and tiny tensors. Merging copies of one model must give
+    //! that model, and nothing may come out non-finite.
+    use super::testing::*;
+    use super::*;
+
+    /// Parameters as the planner resolves them, with the required ones (and densities, so the
+    /// sparsifiers run) set to middling values.
+    fn params_for(spec: &MethodSpec, n: usize, base: Option<usize>) -> ResolvedParams {
+        let value = |p: &ParamSpec| -> Option<Scalar> {
+            let chosen = match p.name {
+                "weight" | "density" | "t" => Some(0.5),
+                "epsilon" => Some(0.1),
+                _ => None,
+            };
+            match (chosen, p.default, p.ty) {
+                (Some(v), _, _) => Some(Scalar::Number(v)),
+                (None, Some(Default::Float(v)), _) => Some(Scalar::Number(v)),
+                (None, Some(Default::Bool(b)), _) => Some(Scalar::Bool(b)),
+                (None, None, ParamType::Bool) => Some(Scalar::Bool(false)),
+                (None, None, ParamType::Float) => Some(Scalar::Number(0.5)),
+                (None, Some(Default::Unset), _) => None,
+            }
+        };
+        let mut resolved = ResolvedParams {
+            global: BTreeMap::new(),
+            per_input: vec![BTreeMap::new(); n],
+        };
+        for p in spec.params {
+            let Some(v) = value(p) else { continue };
+            match p.scope {
+                Scope::Global => {
+                    resolved.global.insert(p.name, v);
+                }
+                Scope::PerInput | Scope::NonBase => {
+                    for (i, map) in resolved.per_input.iter_mut().enumerate() {
+                        if p.scope == Scope::PerInput || Some(i) != base {
+                            map.insert(p.name, v.clone());
+                        }
+                    }
+                }
+            }
+        }
+        resolved
+    }
+
+    fn merge(method: &dyn Method, inputs: &[Vec<f32>], shape: &[usize]) -> Vec<f32> {
+        let spec = method.spec();
+        let base = (spec.base != BasePolicy::Unused && inputs.len() > 1).then_some(0);
+        let params = params_for(spec, inputs.len(), base);
+        let keys: Vec<u64> = (0..inputs.len())
+            .map(|i| crate::rng::stream_key(1, "edge", i))
+            .collect();
+        let ctx = TensorContext {
+            name: "edge",
+            numel: inputs[0].len(),
+            shape,
+            n_inputs: inputs.len(),
+            base,
+            params: &params,
+            rng_keys: &keys,
+            compute: None,
+            memory: 1 << 20,
+        };
+        run_ctx(method, inputs, &ctx)
+    }
+
+    fn input_count(spec: &MethodSpec) -> usize {
+        spec.min_inputs.max(3).min(spec.max_inputs.unwrap_or(3))
+    }
+
+    #[test]
+    fn copies_of_one_model_merge_to_that_model() {
+        for method in all() {
+            let name = method.spec().name;
+            let n = input_count(method.spec());
+            for shape in [vec![1], vec![3], vec![1, 3], vec![7, 5], vec![5000]] {
+                let numel = shape.iter().product();
+                let x = data(numel, 4, 1.0);
+                let out = merge(*method, &vec![x.clone(); n], &shape);
+                for (o, v) in out.iter().zip(&x) {
+                    assert!(
+                        (o - v).abs() <= 1e-6 * v.abs().max(1.0),
+                        "{name} {shape:?}: {o} vs {v}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn colinear_and_tiny_task_vectors_stay_finite() {
+        for method in all() {
+            let name = method.spec().name;
+            let n = input_count(method.spec());
+            for shape in [vec![1], vec![2], vec![3, 1], vec![64, 33]] {
+                let numel = shape.iter().product();
+                let base = data(numel, 5, 1.0);
+                let direction = data(numel, 6, 0.01);
+                // Model i is base + i·d: every task vector points the same way.
+                let inputs: Vec<Vec<f32>> = (0..n)
+                    .map(|i| {
+                        base.iter()
+                            .zip(&direction)
+                            .map(|(b, d)| b + i as f32 * d)
+                            .collect()
+                    })
+                    .collect();
+                let out = merge(*method, &inputs, &shape);
+                assert!(
+                    out.iter().all(|v| v.is_finite()),
+                    "{name} {shape:?}: {out:?}"
+                );
+                // Colinear models stay on their line, between its extremes (λ = 1 everywhere).
+                for (j, o) in out.iter().enumerate() {
+                    let (lo, hi) = (0..n)
+                        .map(|i| inputs[i][j])
+                        .fold((f32::MAX, f32::MIN), |(l, h), v| (l.min(v), h.max(v)));
+                    let slack = 1e-5 + 2.0 * (hi - lo);
+                    assert!(
+                        *o >= lo - slack && *o <= hi + slack,
+                        "{name} {shape:?}[{j}]: {o} outside [{lo}, {hi}]"
+                    );
+                }
+            }
+        }
+    }
+}
