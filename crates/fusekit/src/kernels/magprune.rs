@@ -18,7 +18,9 @@ pub struct MagPrune {
     span: f64,
     key: u64,
     bits: Vec<u64>,
-    order: Vec<u64>,
+    /// Row positions in ascending magnitude order, and the radix sort's scratch.
+    order: Vec<u32>,
+    scratch: Vec<u32>,
 }
 
 impl MagPrune {
@@ -30,6 +32,7 @@ impl MagPrune {
             key,
             bits: vec![0; numel.div_ceil(64)],
             order: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -47,6 +50,7 @@ impl MagPrune {
             key,
             bits,
             order,
+            scratch,
         } = self;
         super::with_scratch(x.len(), |magnitude| {
             for ((m, &v), &b) in magnitude.iter_mut().zip(x).zip(base) {
@@ -55,20 +59,12 @@ impl MagPrune {
             rows.push(&[magnitude], |row, values| {
                 let values = values[0];
                 let first = row * values.len();
-                // Non-negative floats order like their bits: sort (bits, index) keys.
-                order.clear();
-                order.extend(
-                    values
-                        .iter()
-                        .enumerate()
-                        .map(|(j, v)| (v.to_bits() as u64) << 32 | j as u64),
-                );
-                order.sort_unstable();
+                sort_by_magnitude(values, order, scratch);
                 let top = (values.len() - 1) as f64;
-                for (rank, key_index) in order.iter().enumerate() {
+                for (rank, &j) in order.iter().enumerate() {
                     let rank_norm = if top > 0.0 { rank as f64 / top } else { 0.5 };
                     let p = *low + rank_norm * *span;
-                    let index = first + (key_index & 0xFFFF_FFFF) as usize;
+                    let index = first + j as usize;
                     if rng::uniform(*key, index as u64) < p {
                         bits[index / 64] |= 1 << (index % 64);
                     }
@@ -80,6 +76,36 @@ impl MagPrune {
     /// The mask, one bit per element (bit i % 64 of word i / 64).
     pub fn into_bits(self) -> Vec<u64> {
         self.bits
+    }
+}
+
+/// Positions of `values` (non-negative) in ascending order, equal values by position: a stable
+/// least-significant-digit radix sort of the f32 bit patterns (which order like non-negative
+/// floats), 8 bits a pass, skipping bytes all values share. Several times faster than a
+/// comparison sort on rows of thousands.
+fn sort_by_magnitude(values: &[f32], order: &mut Vec<u32>, scratch: &mut Vec<u32>) {
+    order.clear();
+    order.extend(0..values.len() as u32);
+    scratch.resize(values.len(), 0);
+    for shift in [0u32, 8, 16, 24] {
+        let digit = |i: u32| ((values[i as usize].to_bits() >> shift) & 0xFF) as usize;
+        let mut counts = [0usize; 256];
+        for &i in order.iter() {
+            counts[digit(i)] += 1;
+        }
+        if counts.contains(&values.len()) {
+            continue;
+        }
+        let mut next = 0;
+        for c in counts.iter_mut() {
+            (*c, next) = (next, next + *c);
+        }
+        for &i in order.iter() {
+            let d = digit(i);
+            scratch[counts[d]] = i;
+            counts[d] += 1;
+        }
+        std::mem::swap(order, scratch);
     }
 }
 
@@ -112,5 +138,26 @@ mod tests {
         }
         let total = (0..n).filter(|&i| kept(i)).count() as f64 / n as f64;
         assert!((total - 0.5).abs() < 0.01, "{total}");
+    }
+
+    #[test]
+    fn radix_order_equals_a_stable_sort() {
+        let key = rng::stream_key(2, "sort", 0);
+        let values: Vec<f32> = (0..5000u64)
+            .map(|i| match i % 5 {
+                0 => 0.0,
+                1 => 0.25,
+                _ => (rng::uniform(key, i) * 30.0 - 15.0).exp() as f32,
+            })
+            .collect();
+        let (mut order, mut scratch) = (Vec::new(), Vec::new());
+        sort_by_magnitude(&values, &mut order, &mut scratch);
+        let mut want: Vec<u32> = (0..values.len() as u32).collect();
+        want.sort_by(|&a, &b| {
+            values[a as usize]
+                .total_cmp(&values[b as usize])
+                .then(a.cmp(&b))
+        });
+        assert_eq!(order, want);
     }
 }

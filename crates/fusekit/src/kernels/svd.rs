@@ -16,7 +16,12 @@ pub struct ThinSvd {
 
 /// The thin SVD of a row-major `rows × cols` matrix; `None` if the iteration did not converge.
 pub fn thin_svd(rows: usize, cols: usize, data: &[f32]) -> Option<ThinSvd> {
-    let a = MatRef::from_row_major_slice(data, rows, cols);
+    svd_of(MatRef::from_row_major_slice(data, rows, cols))
+}
+
+/// The thin SVD of a matrix.
+pub fn svd_of(a: MatRef<'_, f32>) -> Option<ThinSvd> {
+    let (rows, cols) = a.shape();
     let k = rows.min(cols);
     let mut u = Mat::<f32>::zeros(rows, k);
     let mut v = Mat::<f32>::zeros(cols, k);
@@ -44,6 +49,24 @@ pub fn thin_svd(rows: usize, cols: usize, data: &[f32]) -> Option<ThinSvd> {
     .ok()?;
     let s = (0..k).map(|i| s[i]).collect();
     Some(ThinSvd { u, s, v })
+}
+
+/// a·b, single-threaded (the same bits whatever the thread count).
+pub fn product(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
+    scaled_product(a, b, 1.0)
+}
+
+/// alpha·a·b, single-threaded.
+pub fn scaled_product(a: MatRef<'_, f32>, b: MatRef<'_, f32>, alpha: f32) -> Mat<f32> {
+    let mut out = Mat::<f32>::zeros(a.nrows(), b.ncols());
+    faer::linalg::matmul::matmul(out.as_mut(), faer::Accum::Replace, a, b, alpha, Par::Seq);
+    out
+}
+
+/// The nearest matrix with orthonormal columns (rows, if wide): U·Vᵀ of the thin SVD.
+pub fn polar(a: MatRef<'_, f32>) -> Option<Mat<f32>> {
+    let d = svd_of(a)?;
+    Some(product(d.u.as_ref(), d.v.as_ref().transpose()))
 }
 
 #[cfg(test)]
