@@ -19,6 +19,7 @@ use crate::write::shard::ShardFile;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::path::Path;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
@@ -71,6 +72,8 @@ pub fn run(
     // Largest first, so the long tensors do not start last.
     let mut order: Vec<usize> = (0..plan.tensors.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.tensors[i].bytes()));
+    let model_stats = gather_model_statistics(plan, share)?;
+    let model_stats = model_stats.as_deref();
     pool.install(|| {
         order.par_iter().try_for_each(|&i| {
             let task = &plan.tensors[i];
@@ -82,7 +85,7 @@ pub fn run(
             };
             match &task.work {
                 Work::Copy(source) => copy(source, &writer, share),
-                Work::Merge(merge) => merge_tensor(plan, task, merge, &writer, share),
+                Work::Merge(merge) => merge_tensor(plan, task, merge, &writer, share, model_stats),
             }
         })
     })
@@ -151,35 +154,104 @@ impl Input<'_> {
     }
 }
 
-fn merge_tensor(
+type ModelStats = dyn std::any::Any + Send + Sync;
+
+/// The method's view of one planned tensor.
+fn context<'a>(
     plan: &Plan,
-    task: &TensorTask,
-    merge: &MergeTask,
-    writer: &Writer,
+    task: &'a TensorTask,
+    merge: &'a MergeTask,
     share: usize,
-) -> Result<()> {
-    let numel = task.numel();
-    let cast = plan.compute_dtype.filter(|d| *d != Dtype::F32);
-    let inputs: Vec<Input> = merge
+    model_stats: Option<&'a ModelStats>,
+) -> TensorContext<'a> {
+    TensorContext {
+        name: &task.name,
+        numel: task.numel(),
+        shape: &task.shape,
+        n_inputs: merge.inputs.len(),
+        base: merge.base,
+        params: &merge.params,
+        rng_keys: &merge.rng_keys,
+        compute: compute_cast(plan),
+        // Output chunks take half the share (`write_output`), statistics the other half.
+        memory: share / 2,
+        models: &merge.models,
+        model_stats,
+    }
+}
+
+fn compute_cast(plan: &Plan) -> Option<Dtype> {
+    plan.compute_dtype.filter(|d| *d != Dtype::F32)
+}
+
+/// A merge's inputs as the method reads them.
+fn inputs_of<'a>(plan: &Plan, merge: &'a MergeTask) -> Vec<Input<'a>> {
+    let cast = compute_cast(plan);
+    merge
         .inputs
         .iter()
         .map(|i| Input {
             source: &i.source,
             cast: cast.filter(|c| *c != i.source.dtype),
         })
+        .collect()
+}
+
+/// Runs the method's model-wide statistics passes, if it has any: every merged tensor in plan
+/// order, each block in order.
+fn gather_model_statistics(plan: &Plan, share: usize) -> Result<Option<Arc<ModelStats>>> {
+    let merges: Vec<(&TensorTask, &MergeTask)> = plan
+        .tensors
+        .iter()
+        .filter_map(|t| match &t.work {
+            Work::Merge(m) => Some((t, m)),
+            Work::Copy(_) => None,
+        })
         .collect();
-    let ctx = TensorContext {
-        name: &task.name,
-        numel,
-        shape: &task.shape,
-        n_inputs: inputs.len(),
-        base: merge.base,
-        params: &merge.params,
-        rng_keys: &merge.rng_keys,
-        compute: cast,
-        // Output chunks take half the share (`write_output`), statistics the other half.
-        memory: share / 2,
+    let contexts: Vec<TensorContext> = merges
+        .iter()
+        .map(|(t, m)| context(plan, t, m, share, None))
+        .collect();
+    let Some(mut stats) = plan.method.model_statistics(&contexts)? else {
+        return Ok(None);
     };
+    for pass in 0..MAX_PASSES {
+        if !stats.wants_pass(pass) {
+            continue;
+        }
+        for ((_, merge), ctx) in merges.iter().zip(&contexts) {
+            let inputs = inputs_of(plan, merge);
+            let blocks = Inputs(&inputs);
+            for start in (0..ctx.numel).step_by(BLOCK) {
+                let len = BLOCK.min(ctx.numel - start);
+                blocks.with_block(start, len, &mut |views| {
+                    stats.observe(pass, ctx, start, views)
+                });
+            }
+            blocks.consumed(0, ctx.numel);
+        }
+        stats.end_pass(pass)?;
+    }
+    if stats.wants_pass(MAX_PASSES) {
+        return Err(Error::config(format!(
+            "`{}` needed more than {MAX_PASSES} model-wide statistics passes",
+            plan.method.spec().name
+        )));
+    }
+    Ok(Some(stats.finish()))
+}
+
+fn merge_tensor(
+    plan: &Plan,
+    task: &TensorTask,
+    merge: &MergeTask,
+    writer: &Writer,
+    share: usize,
+    model_stats: Option<&ModelStats>,
+) -> Result<()> {
+    let numel = task.numel();
+    let inputs = inputs_of(plan, merge);
+    let ctx = context(plan, task, merge, share, model_stats);
     let mut merger = plan.method.merger(&ctx)?;
     let inputs = Inputs(&inputs);
     run_passes(merger.as_mut(), numel, &inputs)?;

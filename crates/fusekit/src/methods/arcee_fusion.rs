@@ -196,6 +196,8 @@ mod tests {
                 rng_keys: &keys,
                 compute: None,
                 memory: 1 << 20,
+                models: &[],
+                model_stats: None,
             };
             let out = run_ctx(&ArceeFusion, &[b.clone(), p.clone()], &ctx);
             assert_eq!(out, want, "{shape:?}");

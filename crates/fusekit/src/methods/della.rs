@@ -126,6 +126,8 @@ pub(super) mod tests {
             rng_keys: &keys,
             compute: None,
             memory: 1 << 20,
+            models: &[],
+            model_stats: None,
         };
         let out = run_ctx(method, &x, &ctx);
         let pruned = [(1, 0.4), (2, 0.6)]
@@ -183,6 +185,8 @@ pub(super) mod tests {
             rng_keys: &keys,
             compute: None,
             memory: 1 << 20,
+            models: &[],
+            model_stats: None,
         };
         let err = Della.merger(&ctx).err().unwrap().to_string();
         assert!(err.contains("epsilon") && err.contains("`w`"), "{err}");

@@ -158,7 +158,9 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
             Sparsify::RankedRandom if sparse => (Some(magprune(ctx, input, density)?), None),
             _ => (None, None),
         };
+        let global = global_threshold(ctx, input)?;
         let (keep_count, drop_count) = match variant.sparsify {
+            Sparsify::Magnitude if global.is_some() => (None, None),
             // TIES: the top k = max(1, ⌊density·n⌋), none at all for density 0.
             Sparsify::Magnitude if sparse => (
                 Some(if density <= 0.0 {
@@ -198,7 +200,9 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
             keep_below: (variant.sparsify == Sparsify::Random && sparse)
                 .then(|| keep_threshold(density)),
             key: ctx.rng_keys[input],
-            keep: search.as_ref().and_then(TopK::result).unwrap_or(Keep::ALL),
+            keep: global
+                .or_else(|| search.as_ref().and_then(TopK::result))
+                .unwrap_or(Keep::ALL),
             search: search.filter(|s| s.result().is_none()),
             drop: drop_search
                 .as_ref()
@@ -229,6 +233,25 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
         },
         models,
         round: ctx.compute,
+    }))
+}
+
+/// With `global_topk`, the model's threshold over its whole task vector: keep |δ| ≥ it.
+fn global_threshold(ctx: &TensorContext, input: usize) -> Result<Option<Keep>> {
+    if !ctx.params.flag("global_topk").unwrap_or(false) {
+        return Ok(None);
+    }
+    let thresholds = ctx
+        .model_stats
+        .and_then(|s| s.downcast_ref::<super::global_topk::Thresholds>())
+        .ok_or_else(|| {
+            Error::tensor(ctx.name, "global_topk needs the model-wide statistics pass")
+        })?;
+    let model = ctx.models.get(input).copied().unwrap_or(input);
+    let threshold = thresholds.0.get(&model).copied().unwrap_or(0.0);
+    Ok(Some(Keep {
+        bits: threshold.to_bits(),
+        cutoff: usize::MAX,
     }))
 }
 

@@ -87,6 +87,8 @@ mod tests {
             rng_keys: &keys,
             compute: None,
             memory: 1 << 20,
+            models: &[],
+            model_stats: None,
         };
         let out = run_ctx(&IsoC, &inputs, &ctx);
         // The merged task vector Δ = out − base must have all singular values equal to

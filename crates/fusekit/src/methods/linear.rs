@@ -135,6 +135,8 @@ mod tests {
             rng_keys: &[0, 0],
             compute: None,
             memory: 1 << 30,
+            models: &[],
+            model_stats: None,
         };
         let err = Linear.merger(&ctx).err().unwrap().to_string();
         assert!(err.contains("`w`") && err.contains("sum to zero"), "{err}");

@@ -13,6 +13,7 @@ mod dare_linear;
 mod dare_ties;
 mod della;
 mod della_linear;
+mod global_topk;
 mod gta;
 mod iso_c;
 mod karcher;
@@ -129,6 +130,11 @@ pub struct TensorContext<'a> {
     pub compute: Option<crate::dtype::Dtype>,
     /// Bytes of working memory this tensor's statistics may hold (a share of the budget).
     pub memory: usize,
+    /// The plan's index of each input's model (the same model has the same index in every
+    /// tensor; empty where unknown).
+    pub models: &'a [usize],
+    /// What the method's `ModelStatistics` gathered over the whole model, if it has any.
+    pub model_stats: Option<&'a (dyn std::any::Any + Send + Sync)>,
 }
 
 /// How many statistics passes a method may ask for.
@@ -153,9 +159,27 @@ pub trait TensorMerger: Send + Sync {
     fn apply(&self, start: usize, inputs: &[&[f32]], out: &mut [f32]);
 }
 
+/// Statistics over every tensor of the model, gathered in passes before any tensor is merged
+/// (the reference TIES's global top-k, PCB's quantiles). Tensors come in plan order, the blocks
+/// of each in index order, so the result does not depend on scheduling.
+pub trait ModelStatistics: Send {
+    fn wants_pass(&self, pass: usize) -> bool;
+    fn observe(&mut self, pass: usize, tensor: &TensorContext, start: usize, inputs: &[&[f32]]);
+    fn end_pass(&mut self, pass: usize) -> Result<()>;
+    /// What every tensor's merger then finds in `TensorContext::model_stats`.
+    fn finish(self: Box<Self>) -> std::sync::Arc<dyn std::any::Any + Send + Sync>;
+}
+
 pub trait Method: Send + Sync {
     fn spec(&self) -> &'static MethodSpec;
     fn merger(&self, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>>;
+    /// Model-wide statistics the merge of these tensors needs first, if any.
+    fn model_statistics(
+        &self,
+        _tensors: &[TensorContext],
+    ) -> Result<Option<Box<dyn ModelStatistics>>> {
+        Ok(None)
+    }
 }
 
 static METHODS: &[&dyn Method] = &[
@@ -220,6 +244,8 @@ pub(crate) mod testing {
             rng_keys: &keys,
             compute: None,
             memory: 1 << 30,
+            models: &[],
+            model_stats: None,
         };
         run_ctx(method, inputs, &ctx)
     }
@@ -342,6 +368,8 @@ mod degenerate_inputs {
             rng_keys: &keys,
             compute: None,
             memory: 1 << 20,
+            models: &[],
+            model_stats: None,
         };
         run_ctx(method, inputs, &ctx)
     }

@@ -222,6 +222,8 @@ mod tests {
             rng_keys: &keys,
             compute: None,
             memory: 1 << 30,
+            models: &[],
+            model_stats: None,
         };
         let out = run_ctx(&ModelStock, &inputs, &ctx);
         let row_len = if filter_wise && shape.len() >= 2 {

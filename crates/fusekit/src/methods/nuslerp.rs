@@ -289,6 +289,8 @@ mod tests {
             rng_keys: &keys,
             compute: None,
             memory: 1 << 30,
+            models: &[],
+            model_stats: None,
         };
         let out = run_ctx(&Nuslerp, &[a.clone(), b.clone()], &ctx);
         let t = 0.75;

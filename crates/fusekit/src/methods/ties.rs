@@ -6,7 +6,9 @@
 //! threshold kept in index order).
 //! The sign of each element is elected from the sum of weighted trimmed deltas (a zero sum counts
 //! as +), and only deltas agreeing with it are averaged: out = base + λ·Σ kept wᵢδᵢ / Σ kept wᵢ.
-//! Defaults as mergekit: normalize true, density 1, λ 1.
+//! Defaults as mergekit: normalize true, density 1, λ 1. With `global_topk: true` the trim is the
+//! reference code's instead: each model keeps the top `density` of its whole task vector
+//! (`global_topk`).
 
 use super::gta::{self, gta_params, Sparsify, Variant};
 use super::*;
@@ -17,7 +19,7 @@ static SPEC: MethodSpec = MethodSpec {
     name: "ties",
     summary: "trimmed task vectors, sign election, disjoint mean",
     reference: "https://arxiv.org/abs/2306.01708",
-    params: gta_params!(true, false),
+    params: gta_params!(true, false, super::global_topk::GLOBAL_TOPK),
     base: BasePolicy::Required,
     min_inputs: 1,
     max_inputs: None,
@@ -36,6 +38,13 @@ impl Method for Ties {
             },
             ctx,
         )
+    }
+
+    fn model_statistics(
+        &self,
+        tensors: &[TensorContext],
+    ) -> Result<Option<Box<dyn ModelStatistics>>> {
+        super::global_topk::statistics(tensors)
     }
 }
 

@@ -123,6 +123,8 @@ mod tests {
             rng_keys: &keys,
             compute: None,
             memory: 1 << 20,
+            models: &[],
+            model_stats: None,
         };
         let out = run_ctx(&Tsv, &inputs, &ctx);
         for i in 0..n {
@@ -154,6 +156,8 @@ mod tests {
             rng_keys: &keys,
             compute: None,
             memory: 1 << 20,
+            models: &[],
+            model_stats: None,
         };
         let out = run_ctx(&Tsv, &inputs, &ctx);
         // The formula in f64 with plain loops: k = ⌊7/3⌋ = 2 triplets per task.

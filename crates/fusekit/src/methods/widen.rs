@@ -387,6 +387,8 @@ mod tests {
             rng_keys: &keys,
             compute: None,
             memory: 1 << 20,
+            models: &[],
+            model_stats: None,
         };
         run_ctx(&Widen, inputs, &ctx)
     }

@@ -82,6 +82,8 @@ pub enum Work {
 
 pub struct MergeTask {
     pub inputs: Vec<MergeInput>,
+    /// The plan's model index of each input.
+    pub models: Vec<usize>,
     pub base: Option<usize>,
     pub params: ResolvedParams,
     pub rng_keys: Vec<u64>,
@@ -599,6 +601,7 @@ impl TensorPlanner<'_> {
                 .map(|i| crate::rng::stream_key(seed, out_name, i.model))
                 .collect();
             Work::Merge(MergeTask {
+                models: inputs.iter().map(|i| i.model).collect(),
                 inputs,
                 base,
                 params,
