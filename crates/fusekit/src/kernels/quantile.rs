@@ -1,7 +1,7 @@
-//! Exact order statistics of streamed non-negative f32 values in two counting passes and bounded
-//! memory, with no sampling: non-negative floats order like their bit patterns, so the first pass
-//! counts the high 16 bits to find each rank's bucket and the second counts the low 16 bits inside
-//! those buckets.
+//! Exact order statistics of streamed f32 values in two counting passes and bounded memory, with
+//! no sampling: floats map to 32-bit keys that order like them (`key`), so the first pass counts
+//! the high 16 bits of the keys to find each rank's bucket and the second counts the low 16 bits
+//! inside those buckets.
 
 const BUCKETS: usize = 1 << 16;
 
@@ -45,18 +45,18 @@ impl RadixSelect {
         (q * n.saturating_sub(1) as f64).floor() as u64
     }
 
-    /// The next values of the pass (negative values and NaN are not allowed).
+    /// The next values of the pass (NaN is not allowed).
     pub fn observe(&mut self, values: &[f32]) {
         self.seen += values.len() as u64;
         match &mut self.state {
             State::High(counts) => {
                 for v in values {
-                    counts[(v.to_bits() >> 16) as usize] += 1;
+                    counts[(key(*v) >> 16) as usize] += 1;
                 }
             }
             State::Low { prefix, counts, .. } => {
                 for v in values {
-                    let bits = v.to_bits();
+                    let bits = key(*v);
                     for (p, c) in prefix.iter().zip(counts.iter_mut()) {
                         if bits >> 16 == *p {
                             c[(bits & 0xFFFF) as usize] += 1;
@@ -91,7 +91,7 @@ impl RadixSelect {
                     .zip(&counts)
                     .map(|((&rank, (&p, &b)), c)| {
                         let (low, _) = locate(c, rank - b);
-                        f32::from_bits(p << 16 | low)
+                        value(p << 16 | low)
                     })
                     .collect(),
             ),
@@ -106,6 +106,25 @@ impl RadixSelect {
             _ => None,
         }
     }
+}
+
+/// A key that orders like the float: negative floats have their bits flipped, non-negative ones
+/// their sign bit set.
+fn key(x: f32) -> u32 {
+    let bits = x.to_bits();
+    if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 1 << 31
+    }
+}
+
+fn value(key: u32) -> f32 {
+    f32::from_bits(if key >> 31 == 1 {
+        key & !(1 << 31)
+    } else {
+        !key
+    })
 }
 
 /// The bucket holding the value of 0-based rank `rank`, and how many values lie below it.
@@ -136,6 +155,8 @@ mod tests {
                     0.0
                 } else if i % 5 == 0 {
                     1.5
+                } else if i % 3 == 0 {
+                    -(u * 20.0 - 10.0).exp() as f32
                 } else {
                     (u * 40.0 - 20.0).exp() as f32
                 }

@@ -23,6 +23,7 @@ mod multislerp;
 mod nearswap;
 mod nuslerp;
 mod passthrough;
+mod pcb;
 mod ram;
 mod ramplus_tl;
 mod sce;
@@ -207,6 +208,8 @@ static METHODS: &[&dyn Method] = &[
     &widen::Widen,
     &tsv::Tsv,
     &iso_c::IsoC,
+    &pcb::Pcb,
+    &pcb::PcbPerTensor,
 ];
 
 pub fn all() -> &'static [&'static dyn Method] {
@@ -253,6 +256,19 @@ pub(crate) mod testing {
     /// Runs a merger for an explicit context (shape, parameters, keys).
     pub fn run_ctx(method: &dyn Method, inputs: &[Vec<f32>], ctx: &TensorContext) -> Vec<f32> {
         let numel = ctx.numel;
+        // Each input its own model, unless the test says otherwise.
+        let ids: Vec<usize> = (0..ctx.n_inputs).collect();
+        let models = if ctx.models.is_empty() {
+            &ids[..]
+        } else {
+            ctx.models
+        };
+        let ctx = &TensorContext { models, ..*ctx };
+        let stats = model_statistics(method, inputs, ctx);
+        let ctx = &TensorContext {
+            model_stats: stats.as_deref(),
+            ..*ctx
+        };
         let mut merger = method.merger(ctx).unwrap();
         for pass in 0..MAX_PASSES {
             if !merger.wants_pass(pass) {
@@ -279,6 +295,29 @@ pub(crate) mod testing {
             merger.apply(start, &blocks, &mut out[start..end]);
         }
         out
+    }
+
+    /// The method's model-wide statistics over this one tensor, as the executor gathers them.
+    fn model_statistics(
+        method: &dyn Method,
+        inputs: &[Vec<f32>],
+        ctx: &TensorContext,
+    ) -> Option<std::sync::Arc<dyn std::any::Any + Send + Sync>> {
+        let mut stats = method
+            .model_statistics(std::slice::from_ref(ctx))
+            .unwrap()?;
+        for pass in 0..MAX_PASSES {
+            if !stats.wants_pass(pass) {
+                continue;
+            }
+            for start in (0..ctx.numel).step_by(BLOCK) {
+                let end = (start + BLOCK).min(ctx.numel);
+                let blocks: Vec<&[f32]> = inputs.iter().map(|x| &x[start..end]).collect();
+                stats.observe(pass, ctx, start, &blocks);
+            }
+            stats.end_pass(pass).unwrap();
+        }
+        Some(stats.finish())
     }
 
     pub fn params(
