@@ -131,8 +131,32 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Continual merging (OPCM): fold fine-tunes into a running merge one at a time.
+    #[command(subcommand)]
+    Continual(ContinualCommand),
     /// Benchmark fusekit against mergekit and the I/O roofline on a generated 1B model.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ContinualCommand {
+    /// Start a state directory from the base and the first fine-tune.
+    Init {
+        #[arg(long)]
+        base: String,
+        /// The first fine-tune.
+        #[arg(long)]
+        model: String,
+        state: PathBuf,
+        /// Share of the merged task vector's singular-value mass protected at each step.
+        #[arg(long, default_value_t = 0.5)]
+        alpha: f64,
+        /// Replace STATE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Fold another fine-tune into the state (replaced when the new merge is complete).
+    Add { state: PathBuf, model: String },
 }
 
 fn parse_bytes(text: &str) -> Result<usize, String> {
@@ -398,6 +422,31 @@ fn run(cli: Cli) -> Result<()> {
                 "wrote {} ({} modules)",
                 out.display(),
                 extraction.modules.len()
+            );
+            Ok(())
+        }
+        Command::Continual(command) => {
+            let mut options = fusekit::MergeOptions::default();
+            let state = match command {
+                ContinualCommand::Init {
+                    base,
+                    model,
+                    state,
+                    alpha,
+                    force,
+                } => {
+                    options.write.force = force;
+                    fusekit::continual::init(&base, &model, alpha, &state, &options)?
+                }
+                ContinualCommand::Add { state, model } => {
+                    fusekit::continual::add(&state, &model, &options)?
+                }
+            };
+            println!(
+                "{} models merged, λ = {:.4}, mean ‖τ‖ = {:.4e}",
+                state.models.len(),
+                state.lambda,
+                state.norms.iter().sum::<f64>() / state.norms.len() as f64
             );
             Ok(())
         }

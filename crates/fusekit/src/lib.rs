@@ -9,6 +9,7 @@
 pub mod arch;
 pub mod checkpoint;
 pub mod config;
+pub mod continual;
 pub mod dtype;
 pub mod error;
 pub mod exec;

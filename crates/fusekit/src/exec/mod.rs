@@ -154,7 +154,7 @@ impl Input<'_> {
     }
 }
 
-type ModelStats = dyn std::any::Any + Send + Sync;
+pub type ModelStats = dyn std::any::Any + Send + Sync;
 
 /// The method's view of one planned tensor.
 fn context<'a>(
@@ -195,6 +195,17 @@ fn inputs_of<'a>(plan: &Plan, merge: &'a MergeTask) -> Vec<Input<'a>> {
             cast: cast.filter(|c| *c != i.source.dtype),
         })
         .collect()
+}
+
+/// The method's model-wide statistics for a plan, gathered as a merge would (continual merging
+/// reads them to choose the next step's parameters).
+pub fn model_statistics(plan: &Plan, options: &ExecOptions) -> Result<Option<Arc<ModelStats>>> {
+    let threads = if options.threads == 0 {
+        rayon::current_num_threads()
+    } else {
+        options.threads
+    };
+    gather_model_statistics(plan, (options.memory_budget / threads).max(BLOCK * 64))
 }
 
 /// Runs the method's model-wide statistics passes, if it has any: every merged tensor in plan

@@ -22,6 +22,7 @@ mod model_stock;
 mod multislerp;
 mod nearswap;
 mod nuslerp;
+pub mod opcm;
 mod passthrough;
 mod pcb;
 mod ram;
@@ -210,6 +211,7 @@ static METHODS: &[&dyn Method] = &[
     &iso_c::IsoC,
     &pcb::Pcb,
     &pcb::PcbPerTensor,
+    &opcm::Opcm,
 ];
 
 pub fn all() -> &'static [&'static dyn Method] {
