@@ -186,20 +186,11 @@ mod tests {
             let want = reference(&b, &p, row_len);
             let keys = [0u64; 2];
             let params = ResolvedParams::default();
-            let ctx = TensorContext {
-                name: "t",
-                numel: n,
-                shape: &shape,
-                n_inputs: 2,
-                base: Some(0),
-                params: &params,
-                rng_keys: &keys,
-                compute: None,
-                memory: 1 << 20,
-                models: &[],
-                model_stats: None,
-            };
-            let out = run_ctx(&ArceeFusion, &[b.clone(), p.clone()], &ctx);
+            let out = run_ctx(
+                &ArceeFusion,
+                &[b.clone(), p.clone()],
+                &context("t", &shape, &params, &keys),
+            );
             assert_eq!(out, want, "{shape:?}");
             let kept = out.iter().zip(&b).filter(|(o, x)| o != x).count();
             assert!(kept > 0 && kept < n / 2, "{shape:?}: {kept} of {n} kept");

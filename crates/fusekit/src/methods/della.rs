@@ -116,20 +116,7 @@ pub(super) mod tests {
         }
         let p = ResolvedParams { global, ..p };
         let shape = [rows, row_len];
-        let ctx = TensorContext {
-            name: "t",
-            numel: n,
-            shape: &shape,
-            n_inputs: 3,
-            base: Some(0),
-            params: &p,
-            rng_keys: &keys,
-            compute: None,
-            memory: 1 << 20,
-            models: &[],
-            model_stats: None,
-        };
-        let out = run_ctx(method, &x, &ctx);
+        let out = run_ctx(method, &x, &context("t", &shape, &p, &keys));
         let pruned = [(1, 0.4), (2, 0.6)]
             .iter()
             .map(|&(i, d)| {
@@ -175,20 +162,11 @@ pub(super) mod tests {
         ];
         let p = params(&[], per);
         let keys = [0u64; 3];
-        let ctx = TensorContext {
-            name: "w",
-            numel: n,
-            shape: &[n],
-            n_inputs: 3,
-            base: Some(0),
-            params: &p,
-            rng_keys: &keys,
-            compute: None,
-            memory: 1 << 20,
-            models: &[],
-            model_stats: None,
-        };
-        let err = Della.merger(&ctx).err().unwrap().to_string();
+        let err = Della
+            .merger(&context("w", &[n], &p, &keys))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("epsilon") && err.contains("`w`"), "{err}");
     }
 }

@@ -77,20 +77,7 @@ mod tests {
         inputs.extend(fts.iter().cloned());
         let p = params(&[("scale", Scalar::Number(0.8))], vec![vec![]; 4]);
         let keys = [0u64; 4];
-        let ctx = TensorContext {
-            name: "w",
-            numel: n,
-            shape: &[rows, cols],
-            n_inputs: 4,
-            base: Some(0),
-            params: &p,
-            rng_keys: &keys,
-            compute: None,
-            memory: 1 << 20,
-            models: &[],
-            model_stats: None,
-        };
-        let out = run_ctx(&IsoC, &inputs, &ctx);
+        let out = run_ctx(&IsoC, &inputs, &context("w", &[rows, cols], &p, &keys));
         // The merged task vector Δ = out − base must have all singular values equal to
         // 0.8·mean(σ(Σ τ)) and the singular vectors of Σ τ: Δᵀ·Δ = c²·I on the row space.
         let delta: Vec<f32> = out.iter().zip(&base).map(|(o, b)| o - b).collect();

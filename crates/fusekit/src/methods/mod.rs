@@ -299,6 +299,28 @@ pub(crate) mod testing {
         out
     }
 
+    /// A context for tests: base 0, each input its own model, 1 MiB of statistics memory.
+    pub fn context<'a>(
+        name: &'a str,
+        shape: &'a [usize],
+        params: &'a ResolvedParams,
+        keys: &'a [u64],
+    ) -> TensorContext<'a> {
+        TensorContext {
+            name,
+            numel: shape.iter().product(),
+            shape,
+            n_inputs: keys.len(),
+            base: Some(0),
+            params,
+            rng_keys: keys,
+            compute: None,
+            memory: 1 << 20,
+            models: &[],
+            model_stats: None,
+        }
+    }
+
     /// The method's model-wide statistics over this one tensor, as the executor gathers them.
     fn model_statistics(
         method: &dyn Method,
@@ -400,17 +422,8 @@ mod degenerate_inputs {
             .map(|i| crate::rng::stream_key(1, "edge", i))
             .collect();
         let ctx = TensorContext {
-            name: "edge",
-            numel: inputs[0].len(),
-            shape,
-            n_inputs: inputs.len(),
             base,
-            params: &params,
-            rng_keys: &keys,
-            compute: None,
-            memory: 1 << 20,
-            models: &[],
-            model_stats: None,
+            ..context("edge", shape, &params, &keys)
         };
         run_ctx(method, inputs, &ctx)
     }

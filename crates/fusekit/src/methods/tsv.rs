@@ -113,20 +113,7 @@ mod tests {
         }
         let p = params(&[("alpha", Scalar::Number(1.0))], vec![vec![]; 3]);
         let keys = [0u64; 3];
-        let ctx = TensorContext {
-            name: "w",
-            numel: n,
-            shape: &[rows, cols],
-            n_inputs: 3,
-            base: Some(0),
-            params: &p,
-            rng_keys: &keys,
-            compute: None,
-            memory: 1 << 20,
-            models: &[],
-            model_stats: None,
-        };
-        let out = run_ctx(&Tsv, &inputs, &ctx);
+        let out = run_ctx(&Tsv, &inputs, &context("w", &[rows, cols], &p, &keys));
         for i in 0..n {
             let want = base[i] + t1[i] + t2[i];
             assert!((out[i] - want).abs() < 1e-5, "{i}: {} vs {want}", out[i]);
@@ -146,20 +133,7 @@ mod tests {
         );
         let p = params(&[("alpha", Scalar::Number(0.7))], vec![vec![]; tasks + 1]);
         let keys = vec![0u64; tasks + 1];
-        let ctx = TensorContext {
-            name: "w",
-            numel: n,
-            shape: &[rows, cols],
-            n_inputs: tasks + 1,
-            base: Some(0),
-            params: &p,
-            rng_keys: &keys,
-            compute: None,
-            memory: 1 << 20,
-            models: &[],
-            model_stats: None,
-        };
-        let out = run_ctx(&Tsv, &inputs, &ctx);
+        let out = run_ctx(&Tsv, &inputs, &context("w", &[rows, cols], &p, &keys));
         // The formula in f64 with plain loops: k = ⌊7/3⌋ = 2 triplets per task.
         let k = 2;
         let mut u = vec![vec![0f64; tasks * k]; rows];

@@ -377,20 +377,7 @@ mod tests {
             vec![vec![]; inputs.len()],
         );
         let keys = vec![0u64; inputs.len()];
-        let ctx = TensorContext {
-            name,
-            numel: inputs[0].len(),
-            shape,
-            n_inputs: inputs.len(),
-            base: Some(0),
-            params: &p,
-            rng_keys: &keys,
-            compute: None,
-            memory: 1 << 20,
-            models: &[],
-            model_stats: None,
-        };
-        run_ctx(&Widen, inputs, &ctx)
+        run_ctx(&Widen, inputs, &context(name, shape, &p, &keys))
     }
 
     #[test]
