@@ -13,7 +13,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernels::convert::{encode, round_slice};
 use crate::kernels::{with_scratch, BLOCK};
-use crate::methods::{TensorContext, TensorMerger, MAX_PASSES};
+use crate::methods::{ModelStatistics, TensorContext, TensorMerger, MAX_PASSES};
 use crate::plan::{MergeTask, Plan, TensorTask, Work};
 use crate::write::shard::ShardFile;
 use rayon::prelude::*;
@@ -72,7 +72,7 @@ pub fn run(
     // Largest first, so the long tensors do not start last.
     let mut order: Vec<usize> = (0..plan.tensors.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.tensors[i].bytes()));
-    let model_stats = gather_model_statistics(plan, share)?;
+    let model_stats = pool.install(|| gather_model_statistics(plan, share))?;
     let model_stats = model_stats.as_deref();
     pool.install(|| {
         order.par_iter().try_for_each(|&i| {
@@ -226,20 +226,34 @@ fn gather_model_statistics(plan: &Plan, share: usize) -> Result<Option<Arc<Model
     let Some(mut stats) = plan.method.model_statistics(&contexts)? else {
         return Ok(None);
     };
+    // Tensors in parallel, each into its own part; parts are added back in plan order.
+    let group = rayon::current_num_threads() * 2;
+    let work: Vec<(&MergeTask, &TensorContext)> =
+        merges.iter().map(|(_, m)| *m).zip(&contexts).collect();
     for pass in 0..MAX_PASSES {
         if !stats.wants_pass(pass) {
             continue;
         }
-        for ((_, merge), ctx) in merges.iter().zip(&contexts) {
-            let inputs = inputs_of(plan, merge);
-            let blocks = Inputs(&inputs);
-            for start in (0..ctx.numel).step_by(BLOCK) {
-                let len = BLOCK.min(ctx.numel - start);
-                blocks.with_block(start, len, &mut |views| {
-                    stats.observe(pass, ctx, start, views)
+        for chunk in work.chunks(group) {
+            let mut parts: Vec<Box<dyn ModelStatistics>> =
+                chunk.iter().map(|_| stats.fork()).collect();
+            parts
+                .par_iter_mut()
+                .zip(chunk)
+                .for_each(|(part, (merge, ctx))| {
+                    let inputs = inputs_of(plan, merge);
+                    let blocks = Inputs(&inputs);
+                    for start in (0..ctx.numel).step_by(BLOCK) {
+                        let len = BLOCK.min(ctx.numel - start);
+                        blocks.with_block(start, len, &mut |views| {
+                            part.observe(pass, ctx, start, views)
+                        });
+                    }
+                    blocks.consumed(0, ctx.numel);
                 });
+            for part in parts {
+                stats.absorb(part);
             }
-            blocks.consumed(0, ctx.numel);
         }
         stats.end_pass(pass)?;
     }

@@ -35,6 +35,41 @@ impl RadixSelect {
         }
     }
 
+    /// An empty copy at the same stage, to count a share of the values elsewhere.
+    pub fn empty_like(&self) -> RadixSelect {
+        let zeroed = |counts: &Vec<u64>| vec![0; counts.len()];
+        RadixSelect {
+            ranks: self.ranks.clone(),
+            seen: 0,
+            state: match &self.state {
+                State::High(c) => State::High(zeroed(c)),
+                State::Low {
+                    prefix,
+                    below,
+                    counts,
+                } => State::Low {
+                    prefix: prefix.clone(),
+                    below: below.clone(),
+                    counts: counts.iter().map(zeroed).collect(),
+                },
+                State::Done(v) => State::Done(v.clone()),
+            },
+        }
+    }
+
+    /// Adds the counts of a copy made by `empty_like` (counts add exactly, in any order).
+    pub fn add(&mut self, other: &RadixSelect) {
+        self.seen += other.seen;
+        let add = |a: &mut Vec<u64>, b: &Vec<u64>| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        match (&mut self.state, &other.state) {
+            (State::High(a), State::High(b)) => add(a, b),
+            (State::Low { counts: a, .. }, State::Low { counts: b, .. }) => {
+                a.iter_mut().zip(b).for_each(|(a, b)| add(a, b))
+            }
+            _ => {}
+        }
+    }
+
     /// The memory the counters hold.
     pub fn memory(ranks: usize) -> usize {
         (ranks + 1) * BUCKETS * 8

@@ -84,6 +84,31 @@ impl ModelStatistics for GlobalTopK {
         pass < 2 && self.models.values().any(|m| m.select.is_some())
     }
 
+    fn fork(&self) -> Box<dyn ModelStatistics> {
+        let models = self
+            .models
+            .iter()
+            .map(|(id, m)| {
+                let select = m.select.as_ref().map(RadixSelect::empty_like);
+                (*id, Model { select })
+            })
+            .collect();
+        Box::new(GlobalTopK { models })
+    }
+
+    fn absorb(&mut self, part: Box<dyn ModelStatistics>) {
+        let part = part.into_any().downcast::<GlobalTopK>().expect("forked");
+        for (id, m) in &mut self.models {
+            if let (Some(a), Some(b)) = (&mut m.select, &part.models[id].select) {
+                a.add(b);
+            }
+        }
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+
     fn observe(&mut self, _pass: usize, tensor: &TensorContext, _start: usize, inputs: &[&[f32]]) {
         let Some(base) = tensor.base else { return };
         crate::kernels::with_scratch(inputs[base].len(), |magnitude| {

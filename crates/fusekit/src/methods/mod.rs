@@ -166,6 +166,11 @@ pub trait TensorMerger: Send + Sync {
 /// of each in index order, so the result does not depend on scheduling.
 pub trait ModelStatistics: Send {
     fn wants_pass(&self, pass: usize) -> bool;
+    /// An empty copy that gathers one tensor's share of a pass (tensors run in parallel) …
+    fn fork(&self) -> Box<dyn ModelStatistics>;
+    /// … added back with this, in plan order, so sums come out the same whatever the threads.
+    fn absorb(&mut self, part: Box<dyn ModelStatistics>);
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
     fn observe(&mut self, pass: usize, tensor: &TensorContext, start: usize, inputs: &[&[f32]]);
     fn end_pass(&mut self, pass: usize) -> Result<()>;
     /// What every tensor's merger then finds in `TensorContext::model_stats`.

@@ -180,6 +180,26 @@ impl ModelStatistics for NormStatistics {
         pass == 0
     }
 
+    fn fork(&self) -> Box<dyn ModelStatistics> {
+        Box::new(NormStatistics {
+            norms: OpcmNorms::default(),
+            pending: None,
+        })
+    }
+
+    fn absorb(&mut self, part: Box<dyn ModelStatistics>) {
+        let part = part
+            .into_any()
+            .downcast::<NormStatistics>()
+            .expect("forked");
+        self.norms.tau_squared += part.norms.tau_squared;
+        self.norms.update_squared += part.norms.update_squared;
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+
     fn observe(&mut self, _pass: usize, ctx: &TensorContext, start: usize, inputs: &[&[f32]]) {
         let [base, merged, new] = ordered(ctx, inputs);
         let s = settings(ctx);

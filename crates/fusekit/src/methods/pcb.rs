@@ -81,7 +81,7 @@ static PER_TENSOR_SPEC: MethodSpec = MethodSpec {
 };
 
 #[derive(Debug, Clone, Copy)]
-struct Settings {
+pub struct Settings {
     ratio: f64,
     min_ratio: f64,
     max_ratio: f64,
@@ -294,6 +294,41 @@ struct ModelWide(Statistics);
 impl ModelStatistics for ModelWide {
     fn wants_pass(&self, pass: usize) -> bool {
         pass < 4 && !self.0.is_empty()
+    }
+
+    fn fork(&self) -> Box<dyn ModelStatistics> {
+        let rows = self
+            .0
+            .rows
+            .iter()
+            .map(|(id, r)| {
+                let row = Row {
+                    d: r.d,
+                    clip: r.clip.empty_like(),
+                    lo_hi: r.lo_hi,
+                    score: r.score.empty_like(),
+                    threshold_max: r.threshold_max,
+                };
+                (*id, row)
+            })
+            .collect();
+        Box::new(ModelWide(Statistics {
+            settings: self.0.settings,
+            rows,
+            current: self.0.current.clone(),
+        }))
+    }
+
+    fn absorb(&mut self, part: Box<dyn ModelStatistics>) {
+        let part = part.into_any().downcast::<ModelWide>().expect("forked");
+        for (id, row) in &mut self.0.rows {
+            row.clip.add(&part.0.rows[id].clip);
+            row.score.add(&part.0.rows[id].score);
+        }
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
     }
 
     fn observe(&mut self, pass: usize, tensor: &TensorContext, _start: usize, inputs: &[&[f32]]) {
