@@ -41,6 +41,8 @@ fn config(method: &str, dir: &Path) -> String {
         "slerp" => format!("merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\nparameters:\n  t: 0.5\ndtype: bfloat16\n"),
         "arcee_fusion" => format!("merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\ndtype: bfloat16\n"),
         "pcb" | "pcb_per_tensor" | "widen" | "varm" | "tsv" | "iso_c" => format!("merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\ndtype: bfloat16\n"),
+        // One continual step: ft1 stands for the running merge, ft2 is folded in.
+        "opcm" => format!("merge_method: opcm\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{previous_lambda: 1.0, lambda: 1.4}}\ndtype: bfloat16\n"),
         "model_stock" | "karcher" => format!("merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\ndtype: bfloat16\n"),
         "nuslerp" | "multislerp" => format!("merge_method: {method}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n"),
         m => format!("merge_method: {m}\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5, density: 0.2}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.2}}\ndtype: bfloat16\n"),

@@ -33,12 +33,7 @@ fn state_bytes(dir: &Path) -> (u64, u64) {
 /// The OPCM recurrence over whole models in memory, written out plainly.
 fn batch(base: &Model, models: &[Model], alpha: f64) -> (Model, f64, Vec<f64>) {
     let delta_of = |m: &Model, name: &str| -> Vec<f32> {
-        m[name]
-            .values
-            .iter()
-            .zip(&base[name].values)
-            .map(|(x, b)| x - b)
-            .collect()
+        task_vectors(base, std::slice::from_ref(m), name).remove(0)
     };
     let norm = |m: &Model| -> f64 {
         base.keys()

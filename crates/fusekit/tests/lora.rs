@@ -12,6 +12,12 @@ use fusekit::MergeOptions;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// Writes `model` with `adapter` applied to `dir/out` (a passthrough merge).
+fn merge_adapter(dir: &Path, model: &str, adapter: &str, out: &str) {
+    let config = format!("merge_method: passthrough\nmodels:\n  - model: ./{model}+./{adapter}\n");
+    merge_yaml(dir, &config, out, &MergeOptions::default()).unwrap();
+}
+
 fn spec(targets: &[&str], rslora: bool) -> LoraSpec {
     LoraSpec {
         rank: 4,
@@ -88,13 +94,7 @@ fn adapters_merge_as_the_formula_says() {
         let lora = spec(&["q_proj", "v_proj", "embed_tokens"], rslora);
         let checkpoint = Checkpoint::open(base.to_str().unwrap()).unwrap();
         write_lora(&checkpoint, &lora, &dir.path().join("lora")).unwrap();
-        merge_yaml(
-            dir.path(),
-            "merge_method: passthrough\nmodels:\n  - model: ./base+./lora\n",
-            "out",
-            &MergeOptions::default(),
-        )
-        .unwrap();
+        merge_adapter(dir.path(), "base", "lora", "out");
         let want = merged_by_formula(&base, &dir.path().join("lora"), &lora);
         let got = load_model(&dir.path().join("out"));
         let before = load_model(&base);
@@ -204,13 +204,7 @@ fn extracted_adapters_rebuild_the_fine_tune_within_the_truncation_error() {
         write_model(&base, &dir.path().join("base")).unwrap();
         write_model(&base.finetuned(2, 0.01), &dir.path().join("ft")).unwrap();
         let report = extract(dir.path(), "ft", 4, &[("mlp", 2)]);
-        merge_yaml(
-            dir.path(),
-            "merge_method: passthrough\nmodels:\n  - model: ./base+./extracted\n",
-            "rebuilt",
-            &MergeOptions::default(),
-        )
-        .unwrap();
+        merge_adapter(dir.path(), "base", "extracted", "rebuilt");
         let ft = load_model(&dir.path().join("ft"));
         let rebuilt = load_model(&dir.path().join("rebuilt"));
         for m in &report.modules {
@@ -254,26 +248,14 @@ fn a_low_rank_fine_tune_is_recovered_exactly() {
     lora.alpha_pattern.clear();
     write_lora(&checkpoint, &lora, &dir.path().join("lora")).unwrap();
     // The fine-tune is the base with a rank-4 (rank 2 in one layer) update merged in.
-    merge_yaml(
-        dir.path(),
-        "merge_method: passthrough\nmodels:\n  - model: ./base+./lora\n",
-        "ft",
-        &MergeOptions::default(),
-    )
-    .unwrap();
+    merge_adapter(dir.path(), "base", "lora", "ft");
     let report = extract(dir.path(), "ft", 4, &[]);
     assert_eq!(report.modules.len(), 12);
     for m in &report.modules {
         assert!(m.truncation_error <= 1e-5 * m.delta_norm, "{m:?}");
     }
     let rebuilt = dir.path().join("rebuilt");
-    merge_yaml(
-        dir.path(),
-        "merge_method: passthrough\nmodels:\n  - model: ./base+./extracted\n",
-        "rebuilt",
-        &MergeOptions::default(),
-    )
-    .unwrap();
+    merge_adapter(dir.path(), "base", "extracted", "rebuilt");
     let (ft, rebuilt) = (load_model(&dir.path().join("ft")), load_model(&rebuilt));
     for (name, t) in &ft {
         assert!(distance(&t.values, &rebuilt[name].values) < 1e-5, "{name}");

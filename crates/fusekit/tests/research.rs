@@ -39,26 +39,12 @@ fn assert_close(name: &str, got: &[f32], want: &[f32], tolerance: f32) {
     }
 }
 
-fn deltas(base: &Model, models: &[Model], name: &str) -> Vec<Vec<f32>> {
-    models
-        .iter()
-        .map(|m| {
-            m[name]
-                .values
-                .iter()
-                .zip(&base[name].values)
-                .map(|(x, b)| x - b)
-                .collect()
-        })
-        .collect()
-}
-
 #[test]
 fn varm_weighs_each_matrix_by_its_share_of_the_squared_change() {
     let dir = tempfile::tempdir().unwrap();
     let (base, models, out) = merged(dir.path(), "varm", "{}");
     for (name, t) in &base {
-        let d = deltas(&base, &models, name);
+        let d = task_vectors(&base, &models, name);
         let energy: Vec<f64> = d
             .iter()
             .map(|d| d.iter().map(|x| (*x as f64).powi(2)).sum())
@@ -161,7 +147,7 @@ fn widen_follows_the_papers_steps_on_every_layout() {
                 [rows, cols] => reference(b, &ms, rows, cols, name.contains("embed"), t, s),
                 _ => {
                     // Norms: softmax over models of |Δ|, calibrated against each model's mean |Δ|.
-                    let d = deltas(&base, &models, name);
+                    let d = task_vectors(&base, &models, name);
                     let means: Vec<f64> = d
                         .iter()
                         .map(|d| d.iter().map(|x| x.abs() as f64).sum::<f64>() / d.len() as f64)
@@ -233,7 +219,7 @@ fn tsv_and_iso_c_follow_their_formulas_on_every_tensor() {
         let dir = tempfile::tempdir().unwrap();
         let (base, models, out) = merged(dir.path(), method, &format!("{{{scale_key}: 0.8}}"));
         for (name, tensor) in &base {
-            let d = deltas(&base, &models, name);
+            let d = task_vectors(&base, &models, name);
             let delta: Vec<f32> = match tensor.shape[..] {
                 [rows, cols] => spectral_reference(method, &d, rows, cols),
                 // Vectors: the mean task vector.

@@ -6,7 +6,8 @@ use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::svd::{svd, svd_scratch, ComputeSvdVectors, SvdParams};
 use faer::{Mat, MatRef, Par, Spec};
 
-/// A = U·diag(S)·Vᵀ with U `rows × k`, V `cols × k`, k = min(rows, cols), S non-increasing.
+/// A = U·diag(S)·Vᵀ with U `rows × k`, V `cols × k`, k = min(rows, cols), S non-increasing
+/// (U and V square for the full SVD).
 #[derive(Debug)]
 pub struct ThinSvd {
     pub u: Mat<f32>,
@@ -21,20 +22,28 @@ pub fn thin_svd(rows: usize, cols: usize, data: &[f32]) -> Option<ThinSvd> {
 
 /// The thin SVD of a matrix.
 pub fn svd_of(a: MatRef<'_, f32>) -> Option<ThinSvd> {
+    decompose(a, ComputeSvdVectors::Thin)
+}
+
+/// The full SVD (U m×m, V n×n): for checking thin formulations against the full one.
+pub fn full_svd_of(a: MatRef<'_, f32>) -> Option<ThinSvd> {
+    decompose(a, ComputeSvdVectors::Full)
+}
+
+fn decompose(a: MatRef<'_, f32>, vectors: ComputeSvdVectors) -> Option<ThinSvd> {
     let (rows, cols) = a.shape();
     let k = rows.min(cols);
-    let mut u = Mat::<f32>::zeros(rows, k);
-    let mut v = Mat::<f32>::zeros(cols, k);
+    let (u_cols, v_cols) = match vectors {
+        ComputeSvdVectors::Full => (rows, cols),
+        _ => (k, k),
+    };
+    let mut u = Mat::<f32>::zeros(rows, u_cols);
+    let mut v = Mat::<f32>::zeros(cols, v_cols);
     let mut s = Diag::<f32>::zeros(k);
     let params: Spec<SvdParams, f32> = Default::default();
     let par = Par::Seq;
     let mut buffer = MemBuffer::new(svd_scratch::<f32>(
-        rows,
-        cols,
-        ComputeSvdVectors::Thin,
-        ComputeSvdVectors::Thin,
-        par,
-        params,
+        rows, cols, vectors, vectors, par, params,
     ));
     let stack = MemStack::new(&mut buffer);
     svd(

@@ -334,37 +334,17 @@ impl TensorMerger for OpcmMerger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use faer::linalg::svd::{svd, svd_scratch, ComputeSvdVectors, SvdParams};
+    use crate::kernels::svd::full_svd_of;
 
     /// The reference's projection: full SVD, Pm = Uᵀ·τ·V, zero its diagonal and its top-left
     /// r×r block, τ' = U·Pm·Vᵀ.
     fn full_svd_projection(delta: MatRef<'_, f32>, tau: MatRef<'_, f32>, alpha: f64) -> Mat<f32> {
         let (m, n) = delta.shape();
         let k = m.min(n);
-        let (mut u, mut v) = (Mat::<f32>::zeros(m, m), Mat::<f32>::zeros(n, n));
-        let mut s = faer::diag::Diag::<f32>::zeros(k);
-        let params: faer::Spec<SvdParams, f32> = std::default::Default::default();
-        let par = faer::Par::Seq;
-        let mut buffer = faer::dyn_stack::MemBuffer::new(svd_scratch::<f32>(
-            m,
-            n,
-            ComputeSvdVectors::Full,
-            ComputeSvdVectors::Full,
-            par,
-            params,
-        ));
-        let stack = faer::dyn_stack::MemStack::new(&mut buffer);
-        svd(
-            delta,
-            s.as_mut(),
-            Some(u.as_mut()),
-            Some(v.as_mut()),
-            par,
-            stack,
-            params,
-        )
-        .unwrap();
-        let sigma: Vec<f64> = (0..k).map(|i| s[i] as f64).collect();
+        let d = full_svd_of(delta).unwrap();
+        let (u, v) = (d.u, d.v);
+        assert_eq!((u.ncols(), v.ncols()), (m, n));
+        let sigma: Vec<f64> = d.s.iter().map(|x| *x as f64).collect();
         let total: f64 = sigma.iter().sum();
         let mut cumulative = 0.0;
         let r = sigma

@@ -163,12 +163,7 @@ impl Statistics {
     /// One block of the inputs; `ids` names each input's row, `base` the base input.
     fn observe(&mut self, pass: usize, ids: &[usize], base: usize, inputs: &[&[f32]]) {
         let len = inputs[base].len();
-        let tasks: Vec<(usize, usize)> = ids
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != base)
-            .map(|(i, id)| (i, *id))
-            .collect();
+        let tasks = task_inputs(ids, base);
         crate::kernels::with_scratch(len, |values| {
             if pass < 2 {
                 for &(input, id) in &tasks {
@@ -226,6 +221,15 @@ impl Statistics {
     }
 }
 
+/// `(input, row id)` of every input but the base.
+fn task_inputs(ids: &[usize], base: usize) -> Vec<(usize, usize)> {
+    ids.iter()
+        .enumerate()
+        .filter(|(i, _)| *i != base)
+        .map(|(i, id)| (i, *id))
+        .collect()
+}
+
 /// βᵢ at element `j`: intra- times inter-balancing.
 fn score(
     balance: &Balance,
@@ -261,12 +265,7 @@ fn merge_block(
     inputs: &[&[f32]],
     out: &mut [f32],
 ) {
-    let tasks: Vec<(usize, usize)> = ids
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != base)
-        .map(|(i, id)| (i, *id))
-        .collect();
+    let tasks = task_inputs(ids, base);
     for (j, o) in out.iter_mut().enumerate() {
         let b = inputs[base][j];
         let (mut mixed, mut total) = (0f32, 0f32);

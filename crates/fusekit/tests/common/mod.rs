@@ -122,3 +122,23 @@ pub fn ulp_at(dtype: Dtype, x: f32) -> f32 {
     };
     2f32.powi((exp - mantissa).max(min_exp))
 }
+
+/// Each model's task vector of tensor `name` against `base`.
+#[allow(dead_code)]
+pub fn task_vectors(
+    base: &BTreeMap<String, Loaded>,
+    models: &[BTreeMap<String, Loaded>],
+    name: &str,
+) -> Vec<Vec<f32>> {
+    models
+        .iter()
+        .map(|m| {
+            m[name]
+                .values
+                .iter()
+                .zip(&base[name].values)
+                .map(|(x, b)| x - b)
+                .collect()
+        })
+        .collect()
+}
