@@ -78,19 +78,22 @@ macro_rules! gta_params {
                 default: Some(Default::Bool($rescale)),
                 doc: "restore each sparsified task vector's L1 norm",
             },
-            ParamSpec {
-                name: "lambda",
-                scope: Scope::Global,
-                ty: ParamType::Float,
-                default: Some(Default::Float(1.0)),
-                doc: "scale of the merged task vector",
-            },
+            super::gta::LAMBDA,
             super::gta::INT8_MASK,
             $($extra,)*
         ]
     };
 }
 pub(crate) use gta_params;
+
+/// λ, the scale of the merged task vector (default 1), for every method that has one.
+pub(super) const LAMBDA: ParamSpec = ParamSpec {
+    name: "lambda",
+    scope: Scope::Global,
+    ty: ParamType::Float,
+    default: Some(Default::Float(1.0)),
+    doc: "scale of the merged task vector",
+};
 
 /// mergekit's `int8_mask`: only the storage of its masks; fusekit's masks are exact either way.
 pub(super) const INT8_MASK: ParamSpec = ParamSpec {

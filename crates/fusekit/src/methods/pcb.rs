@@ -51,13 +51,7 @@ const PARAMS: &[ParamSpec] = &[
         default: Some(Default::Float(0.0001)),
         doc: "share of the largest magnitudes clipped down",
     },
-    ParamSpec {
-        name: "lambda",
-        scope: Scope::Global,
-        ty: ParamType::Float,
-        default: Some(Default::Float(1.0)),
-        doc: "scale of the merged task vector",
-    },
+    super::gta::LAMBDA,
 ];
 
 static SPEC: MethodSpec = MethodSpec {
