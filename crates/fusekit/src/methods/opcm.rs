@@ -87,15 +87,24 @@ pub fn project(delta: MatRef<'_, f32>, tau: MatRef<'_, f32>, alpha: f64) -> Opti
         let removed = product(product(ur, inner.as_ref()).as_ref(), vr.transpose());
         out -= &removed;
     }
-    // (uᵢᵀ·τ·vᵢ)·uᵢ·vᵢᵀ for r ≤ i < k
-    for i in r..k {
-        let (u, v) = (d.u.as_ref().col(i), d.v.as_ref().col(i));
-        let coefficient = u.transpose() * tau * v;
-        for row in 0..out.nrows() {
-            for col in 0..out.ncols() {
-                out[(row, col)] -= coefficient * u[row] * v[col];
+    // (uᵢᵀ·τ·vᵢ)·uᵢ·vᵢᵀ for r ≤ i < k, as two products: the coefficients are the diagonal of
+    // U_restᵀ·τ·V_rest, and the sum is (U_rest scaled by them)·V_restᵀ.
+    if r < k {
+        let (rest_u, rest_v) = (
+            d.u.as_ref().subcols(r, k - r),
+            d.v.as_ref().subcols(r, k - r),
+        );
+        let projected = product(rest_u.transpose(), tau);
+        let mut scaled = rest_u.to_owned();
+        for i in 0..k - r {
+            let coefficient: f32 = (0..rest_v.nrows())
+                .map(|j| projected[(i, j)] * rest_v[(j, i)])
+                .sum();
+            for row in 0..scaled.nrows() {
+                scaled[(row, i)] *= coefficient;
             }
         }
+        out -= &product(scaled.as_ref(), rest_v.transpose());
     }
     Some(out)
 }
