@@ -121,6 +121,8 @@ struct ModelTokenizer {
     tokenizer: Tokenizer,
     vocab: HashMap<String, u32>,
     vocab_size: usize,
+    /// Whether tokens past `vocab_size` were stripped from the file's tokenizer.
+    stripped: bool,
 }
 
 fn load_tokenizer(model: &Checkpoint, strip: bool) -> Result<Option<ModelTokenizer>> {
@@ -131,12 +133,12 @@ fn load_tokenizer(model: &Checkpoint, strip: bool) -> Result<Option<ModelTokeniz
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let probe = Tokenizer::from_str(&text).map_err(|e| Error::bad_file(&path, e.to_string()))?;
     let vocab_size = config_vocab_size(&model.config).unwrap_or_else(|| probe.get_vocab_size(true));
-    let tokenizer = if strip
+    let strip = strip
         && probe
             .get_vocab(true)
             .values()
-            .any(|&id| id as usize >= vocab_size)
-    {
+            .any(|&id| id as usize >= vocab_size);
+    let tokenizer = if strip {
         stripped(&text, vocab_size, &path)?
     } else {
         probe
@@ -146,6 +148,7 @@ fn load_tokenizer(model: &Checkpoint, strip: bool) -> Result<Option<ModelTokeniz
         tokenizer,
         vocab,
         vocab_size,
+        stripped: strip,
     }))
 }
 
@@ -220,9 +223,6 @@ impl Vocabulary {
                 Source::Model(_) => Ok(None),
             };
         };
-        let stripped = base_tok.tokenizer.get_vocab_size(true)
-            != load_tokenizer(&all[reference], false)?
-                .map_or(0, |t| t.tokenizer.get_vocab_size(true));
         let mut out = match spec.source {
             Source::Union => union(&tokenizers, reference, models)?,
             Source::Model(m) if m == reference => base_tok.tokenizer.clone(),
@@ -240,7 +240,7 @@ impl Vocabulary {
             .collect();
         let rewritten = spec.source == Source::Union
             || !extra.is_empty()
-            || (stripped && spec.source == Source::Model(reference));
+            || (base_tok.stripped && spec.source == Source::Model(reference));
         out.add_tokens(extra)
             .map_err(|e| Error::config(format!("tokenizer.tokens: {e}")))?;
 

@@ -151,8 +151,7 @@ impl MatrixPair {
 }
 
 /// The inputs in (base, merged, new) order.
-fn ordered<'a>(ctx: &TensorContext, inputs: &[&'a [f32]]) -> [&'a [f32]; 3] {
-    let base = ctx.base.unwrap_or(0);
+fn ordered<'a>(base: usize, inputs: &[&'a [f32]]) -> [&'a [f32]; 3] {
     let others: Vec<usize> = (0..3).filter(|&i| i != base).collect();
     [inputs[base], inputs[others[0]], inputs[others[1]]]
 }
@@ -210,7 +209,7 @@ impl ModelStatistics for NormStatistics {
     }
 
     fn observe(&mut self, _pass: usize, ctx: &TensorContext, start: usize, inputs: &[&[f32]]) {
-        let [base, merged, new] = ordered(ctx, inputs);
+        let [base, merged, new] = ordered(ctx.base.unwrap_or(0), inputs);
         let s = settings(ctx);
         for j in 0..base.len() {
             self.norms.tau_squared += ((new[j] - base[j]) as f64).powi(2);
@@ -252,8 +251,9 @@ impl ModelStatistics for NormStatistics {
 
 struct OpcmMerger {
     settings: Settings,
+    /// A linear weight's Δ and τ while they stream in, then U = λₜ₋₁·Δ + τ' and its width.
     linear: Option<MatrixPair>,
-    update: Option<Mat<f32>>,
+    update: Option<(Mat<f32>, usize)>,
     name: String,
     base: usize,
 }
@@ -300,37 +300,34 @@ impl TensorMerger for OpcmMerger {
     }
 
     fn observe(&mut self, _pass: usize, start: usize, inputs: &[&[f32]]) {
-        let others: Vec<usize> = (0..3).filter(|&i| i != self.base).collect();
-        let ordered = [inputs[self.base], inputs[others[0]], inputs[others[1]]];
         self.linear
             .as_mut()
             .expect("linear")
-            .observe(start, &ordered);
+            .observe(start, &ordered(self.base, inputs));
     }
 
     fn end_pass(&mut self, _pass: usize) -> Result<()> {
         let pair = self.linear.take().expect("linear");
-        self.update = Some(pair.update(
+        let update = pair.update(
             self.settings.previous_lambda,
             self.settings.alpha,
             &self.name,
-        )?);
-        self.linear = Some(MatrixPair::new(0, pair.cols));
+        )?;
+        self.update = Some((update, pair.cols));
         Ok(())
     }
 
     fn apply(&self, start: usize, inputs: &[&[f32]], out: &mut [f32]) {
-        let others: Vec<usize> = (0..3).filter(|&i| i != self.base).collect();
-        let [base, merged, new] = [inputs[self.base], inputs[others[0]], inputs[others[1]]];
+        let [base, merged, new] = ordered(self.base, inputs);
         let s = &self.settings;
-        match (&self.update, &self.linear) {
-            (Some(update), Some(pair)) => {
+        match &self.update {
+            Some((update, cols)) => {
                 for (j, o) in out.iter_mut().enumerate() {
                     let e = start + j;
-                    *o = base[j] + update[(e / pair.cols, e % pair.cols)] / s.lambda;
+                    *o = base[j] + update[(e / cols, e % cols)] / s.lambda;
                 }
             }
-            _ => {
+            None => {
                 for (j, o) in out.iter_mut().enumerate() {
                     let u = s.previous_lambda * (merged[j] - base[j]) + (new[j] - base[j]);
                     *o = base[j] + u / s.lambda;
