@@ -54,6 +54,9 @@ enum Command {
         /// Multi-document configs: merge named steps again even when their output exists.
         #[arg(long)]
         rerun_steps: bool,
+        /// Merge inputs that hold NaN or infinity instead of refusing them.
+        #[arg(long)]
+        allow_nonfinite: bool,
     },
     /// List the merge methods with their parameters and defaults.
     Methods,
@@ -242,6 +245,13 @@ fn print_plans(
 }
 
 fn main() {
+    // Rust ignores SIGPIPE, so `fusekit methods | head` would panic on the closed pipe; a
+    // command-line tool should end quietly instead.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -262,6 +272,7 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
             intermediate_dir,
             rerun_steps,
+            allow_nonfinite,
         } => {
             let options = fusekit::MergeOptions {
                 plan: fusekit::plan::PlanOptions {
@@ -271,6 +282,7 @@ fn run(cli: Cli) -> Result<()> {
                 exec: fusekit::exec::ExecOptions {
                     threads,
                     memory_budget,
+                    allow_nonfinite,
                 },
                 write: fusekit::write::WriteOptions { force },
                 steps: fusekit::StepOptions {
@@ -311,10 +323,11 @@ fn run(cli: Cli) -> Result<()> {
                         Some(fusekit::methods::Default::Unset) => "optional".to_string(),
                     };
                     println!(
-                        "    {:<10} {:<9} {:<12} {}",
+                        "    {:<10} {:<9} {:<12} {:<14} {}",
                         p.name,
                         format!("{:?}", p.scope),
                         default,
+                        p.ty.domain(),
                         p.doc
                     );
                 }

@@ -114,7 +114,7 @@ pub fn add(dir: &Path, new: &str, options: &MergeOptions) -> Result<State> {
     let staging = sibling(dir, "next");
     let _ = std::fs::remove_dir_all(&staging);
     write_state(&config(lambda), &staging, &state, options)?;
-    replace(dir, &staging)?;
+    crate::write::replace_dir(&staging, dir)?;
     Ok(state)
 }
 
@@ -128,16 +128,6 @@ fn write_state(config: &str, out: &Path, state: &State, options: &MergeOptions) 
 fn sibling(dir: &Path, tag: &str) -> PathBuf {
     let name = dir.file_name().unwrap_or_default().to_string_lossy();
     dir.with_file_name(format!(".{name}.continual-{tag}"))
-}
-
-/// Puts `next` where `dir` is: the old state is moved aside first and removed last.
-fn replace(dir: &Path, next: &Path) -> Result<()> {
-    let old = sibling(dir, "old");
-    let _ = std::fs::remove_dir_all(&old);
-    std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-    std::fs::rename(next, dir).map_err(|e| Error::io(dir, e))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
 }
 
 /// ‖b − a‖₂ over every float tensor both models have, in f64.

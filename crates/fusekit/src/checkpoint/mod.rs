@@ -2,6 +2,7 @@
 //! sharded `model-*.safetensors` with `model.safetensors.index.json`. Opening reads headers only.
 
 pub mod hub_cache;
+pub mod json;
 pub mod lora;
 pub mod rows;
 pub mod safetensors_file;
@@ -12,7 +13,7 @@ use crate::kernels::convert::{decode, round_slice};
 use crate::kernels::low_rank::LowRank;
 use lora::Adapter;
 use memmap2::Mmap;
-use safetensors_file::SafetensorsFile;
+use safetensors_file::{InputFile, SafetensorsFile};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +21,8 @@ use std::sync::Arc;
 pub const CONFIG_FILE: &str = "config.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// PyTorch pickle checkpoints, recognised only to refuse them.
+const PICKLE_FILES: &[&str] = &["pytorch_model.bin", "pytorch_model.bin.index.json"];
 
 /// An opened model: where it lives, its `config.json`, and the header of every tensor.
 #[derive(Debug)]
@@ -39,7 +42,8 @@ pub struct Checkpoint {
 #[derive(Debug, Clone)]
 pub struct TensorSource {
     pub map: Arc<Mmap>,
-    pub path: Arc<Path>,
+    /// The file the map shows, with its identity when opened.
+    pub file: Arc<InputFile>,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     pub start: usize,
@@ -58,7 +62,7 @@ impl TensorSource {
     ) -> TensorSource {
         TensorSource {
             map: file.map.clone(),
-            path: Arc::from(file.path.as_path()),
+            file: file.identity.clone(),
             dtype: entry.dtype,
             shape: entry.shape.clone(),
             start: entry.start,
@@ -66,6 +70,15 @@ impl TensorSource {
             update,
             rows: None,
         }
+    }
+
+    /// Fails if a file this tensor is read from changed since it was opened.
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.file.check_unchanged()?;
+        for donor in self.rows.iter().flat_map(|r| &r.donors) {
+            donor.file.check_unchanged()?;
+        }
+        Ok(())
     }
 
     /// Whether the stored bytes are the tensor's values as they are (no adapter, no permutation).
@@ -181,9 +194,15 @@ impl Checkpoint {
         let (files, locations) = if index_path.is_file() {
             open_sharded(&index_path, dir)?
         } else if dir.join(SINGLE_FILE).is_file() {
-            let file = SafetensorsFile::open(&dir.join(SINGLE_FILE))?;
+            let file = open_weights(&dir.join(SINGLE_FILE), &weights_root(dir)?)?;
             let locations = file.tensors.keys().map(|n| (n.clone(), 0)).collect();
             (vec![file], locations)
+        } else if PICKLE_FILES.iter().any(|f| dir.join(f).exists()) {
+            return Err(Error::bad_file(
+                dir,
+                "holds only PyTorch pickle weights (`.bin`), which are never read: unpickling \
+                 runs code from the file. Convert them to safetensors in a sandbox first",
+            ));
         } else {
             return Err(Error::ModelNotFound {
                 model: reference.to_string(),
@@ -218,6 +237,15 @@ impl Checkpoint {
         Some(TensorSource::of(file, file.tensors.get(name)?, update))
     }
 
+    /// Fails if a file of this model (or its adapter) changed since it was opened.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let adapter = self.adapter.iter().map(|a| &a.file);
+        self.files
+            .iter()
+            .chain(adapter)
+            .try_for_each(|f| f.identity.check_unchanged())
+    }
+
     /// The safetensors files of this model.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.files.iter().map(|f| f.path.as_path())
@@ -246,50 +274,113 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
 
 type ShardSet = (Vec<SafetensorsFile>, BTreeMap<String, usize>);
 
+#[derive(serde::Deserialize)]
+struct Index {
+    weight_map: json::UniqueObject<String>,
+}
+
+/// The `weight_map` of an index file: tensor name → shard file name, each tensor once, every
+/// shard a plain file name inside the model directory.
+pub fn parse_index(bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let index: Index = serde_json::from_slice(bytes).map_err(|e| format!("invalid index: {e}"))?;
+    for (tensor, shard) in &index.weight_map.0 {
+        let plain = !shard.is_empty()
+            && shard != "."
+            && shard != ".."
+            && !shard.contains(['/', '\\', '\0'])
+            && !Path::new(shard).is_absolute();
+        if !plain {
+            return Err(format!(
+                "shard `{shard}` of `{tensor}` is not a file name in the model directory"
+            ));
+        }
+    }
+    Ok(index.weight_map.0)
+}
+
+/// The directory that a model's weight files must resolve into: the model directory, or for a
+/// Hugging Face cache snapshot the repository folder (snapshots link into its `blobs/`).
+fn weights_root(dir: &Path) -> Result<PathBuf> {
+    let in_cache = dir
+        .parent()
+        .filter(|p| p.ends_with("snapshots"))
+        .and_then(Path::parent);
+    let root = match in_cache {
+        Some(repo)
+            if repo
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("models--")) =>
+        {
+            repo
+        }
+        _ => dir,
+    };
+    root.canonicalize().map_err(|e| Error::io(root, e))
+}
+
+/// Opens a weight file, refusing one that is (or links to) a file outside `root`.
+fn open_weights(path: &Path, root: &Path) -> Result<SafetensorsFile> {
+    let real = path.canonicalize().map_err(|e| Error::io(path, e))?;
+    if !real.starts_with(root) {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "links to {}, outside the model directory; refusing to read it",
+                real.display()
+            ),
+        ));
+    }
+    SafetensorsFile::open(path)
+}
+
 fn open_sharded(index_path: &Path, dir: &Path) -> Result<ShardSet> {
-    let index = read_json(index_path)?;
-    let weight_map = index
-        .get("weight_map")
-        .and_then(|w| w.as_object())
-        .ok_or_else(|| Error::bad_file(index_path, "no `weight_map` object"))?;
+    let bytes = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
+    let weight_map = parse_index(&bytes).map_err(|m| Error::bad_file(index_path, m))?;
+    let root = weights_root(dir)?;
     let mut shard_ids: BTreeMap<String, usize> = BTreeMap::new();
     let mut files = Vec::new();
     let mut locations = BTreeMap::new();
     for (tensor, shard) in weight_map {
-        let shard = shard.as_str().ok_or_else(|| {
-            Error::bad_file(
-                index_path,
-                format!("`weight_map.{tensor}` is not a file name"),
-            )
-        })?;
-        if shard.contains('/') || shard.contains("..") {
-            return Err(Error::bad_file(
-                index_path,
-                format!("shard name `{shard}` leaves the model directory"),
-            ));
-        }
-        let id = match shard_ids.get(shard) {
+        let id = match shard_ids.get(&shard) {
             Some(&id) => id,
             None => {
-                let path = dir.join(shard);
+                let path = dir.join(&shard);
                 if !path.is_file() {
                     return Err(Error::bad_file(
                         index_path,
                         format!("shard `{shard}` listed for `{tensor}` does not exist"),
                     ));
                 }
-                files.push(SafetensorsFile::open(&path)?);
-                shard_ids.insert(shard.to_string(), files.len() - 1);
+                files.push(open_weights(&path, &root)?);
+                shard_ids.insert(shard.clone(), files.len() - 1);
                 files.len() - 1
             }
         };
-        if !files[id].tensors.contains_key(tensor) {
+        if !files[id].tensors.contains_key(&tensor) {
             return Err(Error::bad_file(
                 &files[id].path,
                 format!("tensor `{tensor}` is listed in {INDEX_FILE} but missing from this shard"),
             ));
         }
-        locations.insert(tensor.clone(), id);
+        locations.insert(tensor, id);
+    }
+    // A tensor stored in two shards, or in a shard the index does not list it for, is ambiguous.
+    for file in &files {
+        for name in file.tensors.keys() {
+            let listed = locations.get(name).map(|&id| files[id].path.as_path());
+            if listed != Some(file.path.as_path()) {
+                return Err(Error::bad_file(
+                    &file.path,
+                    format!(
+                        "holds `{name}`, which {INDEX_FILE} {}",
+                        listed.map_or("does not list".to_string(), |p| format!(
+                            "places in {}",
+                            p.display()
+                        ))
+                    ),
+                ));
+            }
+        }
     }
     Ok((files, locations))
 }

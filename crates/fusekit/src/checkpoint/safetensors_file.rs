@@ -5,6 +5,7 @@
 //! the header must parse, every tensor must have a known dtype, byte ranges must tile the data
 //! section exactly, and the file must be exactly as long as the header says.
 
+use super::json::UniqueObject;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use memmap2::Mmap;
@@ -32,6 +33,61 @@ impl TensorEntry {
     }
 }
 
+type ParsedHeader = (
+    BTreeMap<String, TensorEntry>,
+    BTreeMap<String, String>,
+    usize,
+);
+
+/// A validated safetensors header: every tensor with its absolute byte range, and the metadata.
+#[derive(Debug)]
+pub struct Header {
+    pub tensors: BTreeMap<String, TensorEntry>,
+    /// `__metadata__` of the header.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Header {
+    /// The JSON length the first 8 bytes announce, checked against a file of `file_len` bytes.
+    fn json_len(prefix: [u8; 8], file_len: u64) -> Result<usize, String> {
+        let header_len = u64::from_le_bytes(prefix);
+        if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
+            return Err(format!(
+                "corrupt: header length {header_len} does not fit a file of {file_len} bytes"
+            ));
+        }
+        Ok(header_len as usize)
+    }
+
+    /// Validates the header JSON of a file of `file_len` bytes.
+    fn parse(json: &[u8], file_len: u64) -> Result<Header, String> {
+        let data_start = 8 + json.len();
+        let (tensors, metadata, data_len) =
+            parse_header(json, data_start).map_err(|m| format!("invalid header: {m}"))?;
+        let expected = data_start as u64 + data_len as u64;
+        if file_len != expected {
+            let what = if file_len < expected {
+                "truncated"
+            } else {
+                "corrupt"
+            };
+            return Err(format!(
+                "{what}: the header describes {expected} bytes but the file has {file_len}"
+            ));
+        }
+        Ok(Header { tensors, metadata })
+    }
+
+    /// Validates a whole file held in memory, as [`SafetensorsFile::open`] validates one on disk.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Header, String> {
+        let prefix = bytes
+            .first_chunk::<8>()
+            .ok_or("truncated: shorter than the 8-byte header length")?;
+        let json_len = Self::json_len(*prefix, bytes.len() as u64)?;
+        Self::parse(&bytes[8..8 + json_len], bytes.len() as u64)
+    }
+}
+
 #[derive(Debug)]
 pub struct SafetensorsFile {
     pub path: PathBuf,
@@ -39,70 +95,86 @@ pub struct SafetensorsFile {
     /// `__metadata__` of the header.
     pub metadata: BTreeMap<String, String>,
     pub map: Arc<Mmap>,
+    /// The open file, to notice when it changes under the map.
+    pub identity: Arc<InputFile>,
 }
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let mut len_bytes = [0u8; 8];
-        file.read_exact(&mut len_bytes).map_err(|_| {
+        let mut prefix = [0u8; 8];
+        file.read_exact(&mut prefix).map_err(|_| {
             Error::bad_file(path, "truncated: shorter than the 8-byte header length")
         })?;
-        let header_len = u64::from_le_bytes(len_bytes);
-        if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
-            return Err(Error::bad_file(
-                path,
-                format!(
-                    "corrupt: header length {header_len} does not fit a file of {file_len} bytes"
-                ),
-            ));
-        }
-        let mut header = vec![0u8; header_len as usize];
-        file.read_exact(&mut header)
+        let json_len = Header::json_len(prefix, file_len).map_err(|m| Error::bad_file(path, m))?;
+        let mut json = vec![0u8; json_len];
+        file.read_exact(&mut json)
             .map_err(|e| Error::bad_file(path, format!("cannot read header: {e}")))?;
-        let data_start = 8 + header_len as usize;
-        let (tensors, metadata, data_len) = parse_header(&header, data_start)
-            .map_err(|message| Error::bad_file(path, format!("invalid header: {message}")))?;
-        let expected = data_start as u64 + data_len as u64;
-        if file_len != expected {
-            return Err(Error::bad_file(
-                path,
-                format!(
-                    "{}: the header describes {expected} bytes but the file has {file_len}",
-                    if file_len < expected {
-                        "truncated"
-                    } else {
-                        "corrupt"
-                    }
-                ),
-            ));
-        }
-        // SAFETY: the map is read-only and fusekit never writes to an input path; a file
-        // truncated by another process while we run would fault, which no API can prevent.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let header = Header::parse(&json, file_len).map_err(|m| Error::bad_file(path, m))?;
+        let identity = Arc::new(InputFile::new(path, file)?);
+        // SAFETY: the map is read-only and fusekit never writes to an input path. A file
+        // truncated by another process under the map would fault on access; `InputFile` checks
+        // the length before every tensor is read and before the output is committed, which
+        // narrows that to a race no API can close.
+        let map = unsafe { Mmap::map(&identity.file) }.map_err(|e| Error::io(path, e))?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
-            tensors,
-            metadata,
+            tensors: header.tensors,
+            metadata: header.metadata,
             map: Arc::new(map),
+            identity,
         })
     }
 }
 
-type ParsedHeader = (
-    BTreeMap<String, TensorEntry>,
-    BTreeMap<String, String>,
-    usize,
-);
+/// An input file as it was when opened: its length and modification time. Inputs may be
+/// rewritten by other programs during a long merge; an output computed from a file that
+/// changed is refused rather than written.
+#[derive(Debug)]
+pub struct InputFile {
+    pub path: PathBuf,
+    file: File,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl InputFile {
+    fn new(path: &Path, file: File) -> Result<InputFile> {
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        Ok(InputFile {
+            path: path.to_path_buf(),
+            file,
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+
+    /// Fails if the file's length or modification time differs from when it was opened.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let meta = self.file.metadata().map_err(|e| Error::io(&self.path, e))?;
+        if meta.len() != self.len || meta.modified().ok() != self.modified {
+            return Err(Error::bad_file(
+                &self.path,
+                format!(
+                    "changed while being merged (was {} bytes, now {}); nothing was written, \
+                     run the merge again once the file is complete",
+                    self.len,
+                    meta.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
 
 fn parse_header(header: &[u8], data_start: usize) -> Result<ParsedHeader, String> {
-    let json: serde_json::Map<String, serde_json::Value> =
+    let json: UniqueObject<serde_json::Value> =
         serde_json::from_slice(header).map_err(|e| format!("corrupt header JSON: {e}"))?;
     let mut tensors = BTreeMap::new();
     let mut metadata = BTreeMap::new();
     let mut ranges = Vec::new();
-    for (name, value) in json {
+    for (name, value) in json.0 {
         if name == "__metadata__" {
             let map = value.as_object().ok_or("`__metadata__` is not an object")?;
             for (k, v) in map {

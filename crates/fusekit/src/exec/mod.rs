@@ -12,6 +12,7 @@ use crate::checkpoint::TensorSource;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernels::convert::{encode, round_slice};
+use crate::kernels::finite::{describe, first_nonfinite, first_nonfinite_stored};
 use crate::kernels::{with_scratch, BLOCK};
 use crate::methods::{ModelStatistics, TensorContext, TensorMerger, MAX_PASSES};
 use crate::plan::{MergeTask, Plan, TensorTask, Work};
@@ -27,6 +28,8 @@ pub struct ExecOptions {
     pub threads: usize,
     /// Upper bound of the merge's working memory in bytes.
     pub memory_budget: usize,
+    /// Merge inputs that hold NaN or infinity instead of refusing them.
+    pub allow_nonfinite: bool,
 }
 
 impl Default for ExecOptions {
@@ -34,6 +37,7 @@ impl Default for ExecOptions {
         ExecOptions {
             threads: 0,
             memory_budget: 1 << 30,
+            allow_nonfinite: false,
         }
     }
 }
@@ -72,7 +76,7 @@ pub fn run(
     // Largest first, so the long tensors do not start last.
     let mut order: Vec<usize> = (0..plan.tensors.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.tensors[i].bytes()));
-    let model_stats = pool.install(|| gather_model_statistics(plan, share))?;
+    let model_stats = pool.install(|| gather_model_statistics(plan, share, options))?;
     let model_stats = model_stats.as_deref();
     pool.install(|| {
         order.par_iter().try_for_each(|&i| {
@@ -84,8 +88,10 @@ pub fn run(
                 progress,
             };
             match &task.work {
-                Work::Copy(source) => copy(source, &writer, share),
-                Work::Merge(merge) => merge_tensor(plan, task, merge, &writer, share, model_stats),
+                Work::Copy(source) => copy(task, source, &writer, share, options),
+                Work::Merge(merge) => {
+                    merge_tensor(plan, task, merge, &writer, share, model_stats, options)
+                }
             }
         })
     })
@@ -107,13 +113,33 @@ impl Writer<'_> {
     }
 }
 
-fn copy(source: &TensorSource, writer: &Writer, share: usize) -> Result<()> {
+fn copy(
+    task: &TensorTask,
+    source: &TensorSource,
+    writer: &Writer,
+    share: usize,
+    options: &ExecOptions,
+) -> Result<()> {
+    source.check_unchanged()?;
     let size = source.dtype.size();
     let chunk = (share / size).max(1);
     let numel = source.numel();
     for first in (0..numel).step_by(chunk) {
         let count = chunk.min(numel - first);
-        writer.write(first * size, source.bytes(first, count))?;
+        let bytes = source.bytes(first, count);
+        if !options.allow_nonfinite {
+            if let Some(i) = first_nonfinite_stored(source.dtype, bytes) {
+                let mut value = [0f32];
+                source.read_f32(first + i, &mut value);
+                return Err(nonfinite(
+                    &task.name,
+                    &source.file.path.display().to_string(),
+                    first + i,
+                    value[0],
+                ));
+            }
+        }
+        writer.write(first * size, bytes)?;
         release(source, first, count);
     }
     Ok(())
@@ -143,15 +169,37 @@ fn release(source: &TensorSource, first: usize, count: usize) {
 struct Input<'a> {
     source: &'a TensorSource,
     cast: Option<Dtype>,
+    /// The input tensor and its model, for errors.
+    tensor: &'a str,
+    model: &'a str,
+    /// Refuse NaN and infinity.
+    finite: bool,
 }
 
 impl Input<'_> {
-    fn decode(&self, first: usize, out: &mut [f32]) {
+    fn decode(&self, first: usize, out: &mut [f32]) -> Result<()> {
         self.source.read_f32(first, out);
+        if self.finite {
+            if let Some(i) = first_nonfinite(out) {
+                return Err(nonfinite(self.tensor, self.model, first + i, out[i]));
+            }
+        }
         if let Some(dtype) = self.cast {
             round_slice(dtype, out);
         }
+        Ok(())
     }
+}
+
+fn nonfinite(tensor: &str, model: &str, element: usize, value: f32) -> Error {
+    Error::tensor(
+        tensor,
+        format!(
+            "`{model}` holds {} at element {element}; a merge would spread it (pass \
+             --allow-nonfinite to merge anyway)",
+            describe(value)
+        ),
+    )
 }
 
 pub type ModelStats = dyn std::any::Any + Send + Sync;
@@ -185,7 +233,7 @@ fn compute_cast(plan: &Plan) -> Option<Dtype> {
 }
 
 /// A merge's inputs as the method reads them.
-fn inputs_of<'a>(plan: &Plan, merge: &'a MergeTask) -> Vec<Input<'a>> {
+fn inputs_of<'a>(plan: &'a Plan, merge: &'a MergeTask, options: &ExecOptions) -> Vec<Input<'a>> {
     let cast = compute_cast(plan);
     merge
         .inputs
@@ -193,6 +241,9 @@ fn inputs_of<'a>(plan: &Plan, merge: &'a MergeTask) -> Vec<Input<'a>> {
         .map(|i| Input {
             source: &i.source,
             cast: cast.filter(|c| *c != i.source.dtype),
+            tensor: &i.tensor,
+            model: &plan.models[i.model].reference,
+            finite: !options.allow_nonfinite,
         })
         .collect()
 }
@@ -205,12 +256,20 @@ pub fn model_statistics(plan: &Plan, options: &ExecOptions) -> Result<Option<Arc
     } else {
         options.threads
     };
-    gather_model_statistics(plan, (options.memory_budget / threads).max(BLOCK * 64))
+    gather_model_statistics(
+        plan,
+        (options.memory_budget / threads).max(BLOCK * 64),
+        options,
+    )
 }
 
 /// Runs the method's model-wide statistics passes, if it has any: every merged tensor in plan
 /// order, each block in order.
-fn gather_model_statistics(plan: &Plan, share: usize) -> Result<Option<Arc<ModelStats>>> {
+fn gather_model_statistics(
+    plan: &Plan,
+    share: usize,
+    options: &ExecOptions,
+) -> Result<Option<Arc<ModelStats>>> {
     let merges: Vec<(&TensorTask, &MergeTask)> = plan
         .tensors
         .iter()
@@ -240,17 +299,19 @@ fn gather_model_statistics(plan: &Plan, share: usize) -> Result<Option<Arc<Model
             parts
                 .par_iter_mut()
                 .zip(chunk)
-                .for_each(|(part, (merge, ctx))| {
-                    let inputs = inputs_of(plan, merge);
+                .try_for_each(|(part, (merge, ctx))| -> Result<()> {
+                    let inputs = inputs_of(plan, merge, options);
                     let blocks = Inputs(&inputs);
+                    blocks.check_unchanged()?;
                     for start in (0..ctx.numel).step_by(BLOCK) {
                         let len = BLOCK.min(ctx.numel - start);
                         blocks.with_block(start, len, &mut |views| {
                             part.observe(pass, ctx, start, views)
-                        });
+                        })?;
                     }
                     blocks.consumed(0, ctx.numel);
-                });
+                    Ok(())
+                })?;
             for part in parts {
                 stats.absorb(part);
             }
@@ -273,12 +334,14 @@ fn merge_tensor(
     writer: &Writer,
     share: usize,
     model_stats: Option<&ModelStats>,
+    options: &ExecOptions,
 ) -> Result<()> {
     let numel = task.numel();
-    let inputs = inputs_of(plan, merge);
+    let inputs = inputs_of(plan, merge, options);
     let ctx = context(plan, task, merge, share, model_stats);
     let mut merger = plan.method.merger(&ctx)?;
     let inputs = Inputs(&inputs);
+    inputs.check_unchanged()?;
     run_passes(merger.as_mut(), numel, &inputs)?;
     if merger.wants_pass(MAX_PASSES) {
         return Err(Error::tensor(
@@ -297,14 +360,20 @@ struct Inputs<'a>(&'a [Input<'a>]);
 
 impl Inputs<'_> {
     /// Calls `f` with block `start..start + len` of every input, decoded to f32.
-    fn with_block(&self, start: usize, len: usize, f: &mut dyn FnMut(&[&[f32]])) {
+    fn with_block(&self, start: usize, len: usize, f: &mut dyn FnMut(&[&[f32]])) -> Result<()> {
         with_scratch(len * self.0.len(), |scratch| {
             for (input, buf) in self.0.iter().zip(scratch.chunks_exact_mut(len)) {
-                input.decode(start, buf);
+                input.decode(start, buf)?;
             }
             let views: Vec<&[f32]> = scratch.chunks_exact(len).collect();
             f(&views);
+            Ok(())
         })
+    }
+
+    /// Fails if an input file changed since it was opened (reading a truncated map would fault).
+    fn check_unchanged(&self) -> Result<()> {
+        self.0.iter().try_for_each(|i| i.source.check_unchanged())
     }
 
     /// Elements `first..first + count` are not needed again in this pass.
@@ -351,7 +420,8 @@ fn run_passes(merger: &mut dyn TensorMerger, numel: usize, blocks: &Inputs) -> R
             for start in (first..end).step_by(BLOCK) {
                 if merger.wants_block(pass, start) {
                     let len = BLOCK.min(numel - start);
-                    blocks.with_block(start, len, &mut |views| merger.observe(pass, start, views));
+                    blocks
+                        .with_block(start, len, &mut |views| merger.observe(pass, start, views))?;
                 }
             }
             blocks.consumed(first, end - first);
@@ -378,12 +448,12 @@ fn write_output(
     let one = |&first: &usize| -> Result<()> {
         let count = chunk.min(numel - first);
         with_output_buffer(count * out_size, |bytes| {
-            with_scratch(BLOCK, |values| {
+            with_scratch(BLOCK, |values| -> Result<()> {
                 for start in (first..first + count).step_by(BLOCK) {
                     let len = BLOCK.min(numel - start);
                     blocks.with_block(start, len, &mut |views| {
                         merger.apply(start, views, &mut values[..len])
-                    });
+                    })?;
                     let at = (start - first) * out_size;
                     encode(
                         task.dtype,
@@ -391,7 +461,8 @@ fn write_output(
                         &mut bytes[at..at + len * out_size],
                     );
                 }
-            });
+                Ok(())
+            })?;
             blocks.consumed(first, count);
             writer.write(first * out_size, bytes)
         })

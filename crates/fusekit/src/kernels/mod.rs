@@ -2,6 +2,7 @@
 //! magnitude selection, and reductions whose result does not depend on how work is split.
 
 pub mod convert;
+pub mod finite;
 pub mod gram;
 pub mod low_rank;
 pub mod magprune;

@@ -17,7 +17,7 @@ pub struct Breadcrumbs;
 pub(super) const GAMMA: ParamSpec = ParamSpec {
     name: "gamma",
     scope: Scope::NonBase,
-    ty: ParamType::Float,
+    ty: ParamType::Fraction,
     default: Some(Default::Float(0.01)),
     doc: "fraction of the largest magnitudes removed as outliers",
 };

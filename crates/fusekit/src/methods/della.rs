@@ -17,7 +17,7 @@ pub struct Della;
 pub(super) const EPSILON: ParamSpec = ParamSpec {
     name: "epsilon",
     scope: Scope::NonBase,
-    ty: ParamType::Float,
+    ty: ParamType::Fraction,
     default: Some(Default::Float(0.15)),
     doc: "half-width of the keep probabilities around density",
 };

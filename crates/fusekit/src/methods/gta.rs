@@ -60,7 +60,7 @@ macro_rules! gta_params {
             ParamSpec {
                 name: "density",
                 scope: Scope::NonBase,
-                ty: ParamType::Float,
+                ty: ParamType::Fraction,
                 default: Some(Default::Float(1.0)),
                 doc: "fraction of each task vector kept",
             },

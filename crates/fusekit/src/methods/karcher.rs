@@ -22,14 +22,14 @@ static SPEC: MethodSpec = MethodSpec {
         ParamSpec {
             name: "max_iter",
             scope: Scope::Global,
-            ty: ParamType::Float,
+            ty: ParamType::Count,
             default: Some(Default::Float(10.0)),
             doc: "iterations at most",
         },
         ParamSpec {
             name: "tol",
             scope: Scope::Global,
-            ty: ParamType::Float,
+            ty: ParamType::NonNegative,
             default: Some(Default::Float(1e-5)),
             doc: "convergence and zero-norm tolerance",
         },

@@ -50,10 +50,52 @@ pub enum Scope {
     NonBase,
 }
 
+/// What a parameter accepts; values outside it are refused when the plan is built, with the
+/// config line, before any tensor is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamType {
+    /// Any finite number.
     Float,
+    /// A number in [0, 1]: densities, ratios, shares.
+    Fraction,
+    /// A number ≥ 0: thresholds, tolerances.
+    NonNegative,
+    /// A whole number ≥ 1: iteration counts.
+    Count,
     Bool,
+}
+
+impl ParamType {
+    /// Why `value` is not a valid value of this type, if it is not.
+    pub fn refuse(self, value: &Scalar) -> Option<String> {
+        if self == ParamType::Bool {
+            return value
+                .as_bool()
+                .is_none()
+                .then(|| format!("{value} is not a boolean"));
+        }
+        let Some(x) = value.as_f64().filter(|x| x.is_finite()) else {
+            return Some(format!("{value} is not a finite number"));
+        };
+        let outside = match self {
+            ParamType::Fraction => !(0.0..=1.0).contains(&x),
+            ParamType::NonNegative => x < 0.0,
+            ParamType::Count => x < 1.0 || x.fract() != 0.0,
+            ParamType::Float | ParamType::Bool => false,
+        };
+        outside.then(|| format!("{value} is outside {}", self.domain()))
+    }
+
+    /// The accepted values, in words.
+    pub fn domain(self) -> &'static str {
+        match self {
+            ParamType::Float => "finite numbers",
+            ParamType::Fraction => "[0, 1]",
+            ParamType::NonNegative => "[0, ∞)",
+            ParamType::Count => "the whole numbers ≥ 1",
+            ParamType::Bool => "true and false",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -393,7 +435,7 @@ mod degenerate_inputs {
                 (None, Some(Default::Float(v)), _) => Some(Scalar::Number(v)),
                 (None, Some(Default::Bool(b)), _) => Some(Scalar::Bool(b)),
                 (None, None, ParamType::Bool) => Some(Scalar::Bool(false)),
-                (None, None, ParamType::Float) => Some(Scalar::Number(0.5)),
+                (None, None, _) => Some(Scalar::Number(0.5)),
                 (None, Some(Default::Unset), _) => None,
             }
         };

@@ -37,7 +37,7 @@ static SPEC: MethodSpec = MethodSpec {
         ParamSpec {
             name: "eps",
             scope: Scope::Global,
-            ty: ParamType::Float,
+            ty: ParamType::NonNegative,
             default: Some(Default::Float(1e-8)),
             doc: "stabiliser of the norms",
         },

@@ -17,7 +17,7 @@ static SPEC: MethodSpec = MethodSpec {
     params: &[ParamSpec {
         name: "t",
         scope: Scope::Global,
-        ty: ParamType::Float,
+        ty: ParamType::NonNegative,
         default: None,
         doc: "distance under which values are swapped",
     }],

@@ -31,14 +31,14 @@ static SPEC: MethodSpec = MethodSpec {
         ParamSpec {
             name: "alpha",
             scope: Scope::Global,
-            ty: ParamType::Float,
+            ty: ParamType::Fraction,
             default: Some(Default::Float(0.5)),
             doc: "share of the merged task vector's singular-value mass that is protected",
         },
         ParamSpec {
             name: "previous_lambda",
             scope: Scope::Global,
-            ty: ParamType::Float,
+            ty: ParamType::NonNegative,
             default: Some(Default::Float(1.0)),
             doc: "λ of the running merge",
         },

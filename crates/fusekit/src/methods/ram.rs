@@ -14,7 +14,7 @@ pub struct Ram;
 pub(super) const EPSILON: ParamSpec = ParamSpec {
     name: "epsilon",
     scope: Scope::Global,
-    ty: ParamType::Float,
+    ty: ParamType::NonNegative,
     default: Some(Default::Float(1e-5)),
     doc: "magnitude above which a task-vector entry counts as active",
 };

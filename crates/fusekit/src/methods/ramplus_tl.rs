@@ -25,7 +25,7 @@ static SPEC: MethodSpec = MethodSpec {
         ParamSpec {
             name: "alpha",
             scope: Scope::Global,
-            ty: ParamType::Float,
+            ty: ParamType::NonNegative,
             default: Some(Default::Float(0.2)),
             doc: "cap of the overlap ratio",
         },

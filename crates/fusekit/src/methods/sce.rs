@@ -27,7 +27,7 @@ static SPEC: MethodSpec = MethodSpec {
         ParamSpec {
             name: "select_topk",
             scope: Scope::Global,
-            ty: ParamType::Float,
+            ty: ParamType::Fraction,
             default: Some(Default::Float(1.0)),
             doc: "fraction of the varying elements kept",
         },

@@ -32,7 +32,7 @@ static SPEC: MethodSpec = MethodSpec {
         ParamSpec {
             name: "above_average_value_ratio",
             scope: Scope::Global,
-            ty: ParamType::Float,
+            ty: ParamType::NonNegative,
             default: Some(Default::Float(1.0)),
             doc: "t: ranks above t × the model's mean rank get the calibration score",
         },

@@ -832,7 +832,7 @@ impl fmt::Display for Plan {
         }
         for t in &self.tensors {
             let what = match &t.work {
-                Work::Copy(src) => format!("copy {}", src.path.display()),
+                Work::Copy(src) => format!("copy {}", src.file.path.display()),
                 Work::Merge(m) => {
                     let ins: Vec<String> = m
                         .inputs

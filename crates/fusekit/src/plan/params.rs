@@ -4,7 +4,7 @@
 
 use crate::config::{error_at, ParamMap, ParamValue, Scalar};
 use crate::error::{Error, Result};
-use crate::methods::{Default, MethodSpec, ParamSpec, ParamType, ResolvedParams, Scope};
+use crate::methods::{Default, MethodSpec, ParamSpec, ResolvedParams, Scope};
 use std::collections::BTreeMap;
 
 /// A parameter map parsed once, keeping each value's line for errors.
@@ -104,19 +104,10 @@ fn lookup<'a>(
     for scope in chain {
         if let Some((value, line)) = scope.values.get(p.name) {
             if let Some(v) = value.evaluate(tensor, t) {
-                let ok = match p.ty {
-                    ParamType::Float => v.as_f64().is_some(),
-                    ParamType::Bool => v.as_bool().is_some(),
-                };
-                if !ok {
+                if let Some(why) = p.ty.refuse(&v) {
                     return Err(Error::config(format!(
-                        "`{}` (line {line}): {v} is not a {} (tensor `{output}`)",
-                        p.name,
-                        if p.ty == ParamType::Float {
-                            "number"
-                        } else {
-                            "boolean"
-                        }
+                        "`{}` (line {line}): {why} (tensor `{output}`)",
+                        p.name
                     )));
                 }
                 return Ok(Some(v));

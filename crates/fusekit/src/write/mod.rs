@@ -3,6 +3,9 @@
 //! directory beside OUT that is renamed to OUT only when everything succeeded.
 
 pub mod shard;
+pub mod staging;
+
+pub use staging::{replace_dir, Staging};
 
 use crate::checkpoint::{hub_cache, INDEX_FILE};
 use crate::error::{Error, Result};
@@ -76,58 +79,6 @@ fn absolute(path: &Path) -> Result<PathBuf> {
     Ok(resolved)
 }
 
-/// A temporary directory beside OUT, removed on drop unless it was renamed into place.
-pub struct Staging {
-    pub dir: PathBuf,
-    done: bool,
-}
-
-impl Staging {
-    /// Creates the staging directory for `out` (and OUT's parent if needed).
-    pub fn new(out: &Path) -> Result<Staging> {
-        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        let staging = Staging {
-            dir: sibling(out, "partial"),
-            done: false,
-        };
-        let _ = std::fs::remove_dir_all(&staging.dir);
-        std::fs::create_dir(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
-        Ok(staging)
-    }
-
-    /// Renames the finished directory to `out`, replacing what was there.
-    pub fn commit(mut self, out: &Path) -> Result<()> {
-        if out.exists() {
-            let old = sibling(out, "old");
-            std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-            std::fs::rename(&self.dir, out).map_err(|e| Error::io(out, e))?;
-            let _ = std::fs::remove_dir_all(&old);
-        } else {
-            std::fs::rename(&self.dir, out).map_err(|e| Error::io(out, e))?;
-        }
-        self.done = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn sibling(out: &Path, tag: &str) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    out.with_file_name(format!(".{name}.fusekit-{tag}-{}", std::process::id()))
-}
-
 /// Executes the plan and writes the complete model to `out`.
 pub fn write(
     plan: &Plan,
@@ -163,6 +114,8 @@ pub fn write(
         f.file.sync_all().map_err(|e| Error::io(p, e))?;
     }
     write_small_files(plan, &staging.dir)?;
+    // An output computed from an input that changed meanwhile may be wrong: it is not committed.
+    plan.models.iter().try_for_each(|m| m.check_unchanged())?;
     staging.commit(out)
 }
 

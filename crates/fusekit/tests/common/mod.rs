@@ -142,3 +142,49 @@ pub fn task_vectors(
         })
         .collect()
 }
+
+/// Every file under `dir`, recursively, with a hash of its bytes (`.yml` configs left out:
+/// tests write those).
+pub fn checksums(dir: &Path) -> BTreeMap<std::path::PathBuf, u64> {
+    use std::hash::{Hash, Hasher};
+    let mut sums = BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_none_or(|e| e != "yml") {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                std::fs::read(&path).unwrap_or_default().hash(&mut hasher);
+                sums.insert(path, hasher.finish());
+            }
+        }
+    }
+    sums
+}
+
+/// Runs a merge of `config` into `dir/bad` that must fail: the message mentions every one of
+/// `expect`, no output appears, and no file under `dir` changes.
+pub fn refused(dir: &Path, config: &str, expect: &[&str]) -> String {
+    refused_with(dir, config, expect, &Default::default())
+}
+
+pub fn refused_with(
+    dir: &Path,
+    config: &str,
+    expect: &[&str],
+    options: &fusekit::MergeOptions,
+) -> String {
+    let before = checksums(dir);
+    let err = merge_yaml(dir, config, "bad", options)
+        .unwrap_err()
+        .to_string();
+    for e in expect {
+        assert!(err.contains(e), "`{err}` should mention `{e}`");
+    }
+    assert!(!dir.join("bad").exists());
+    assert_eq!(before, checksums(dir), "files changed or were left behind");
+    err
+}

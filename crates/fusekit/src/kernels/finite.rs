@@ -1,0 +1,98 @@
+//! Finding NaN and infinity in inputs: a checkpoint from a diverged run or a bad conversion
+//! holds them, and any merge would silently spread them into the output.
+
+use crate::dtype::Dtype;
+
+/// Scanned without branching per element, so the all-finite case vectorizes.
+const CHUNK: usize = 64;
+
+/// Index of the first NaN or infinity in `values`.
+pub fn first_nonfinite(values: &[f32]) -> Option<usize> {
+    first_where(values, |v| !v.is_finite())
+}
+
+/// Index of the first NaN or infinity among stored elements of `dtype` (little-endian bytes);
+/// integer and bool tensors have none.
+pub fn first_nonfinite_stored(dtype: Dtype, bytes: &[u8]) -> Option<usize> {
+    fn all_ones<const N: usize>(bytes: &[u8], exponent: u64) -> Option<usize> {
+        let mut chunk_start = 0;
+        for chunk in bytes.chunks(N * CHUNK) {
+            let bits = |e: &[u8]| {
+                let mut word = [0u8; 8];
+                word[..N].copy_from_slice(e);
+                u64::from_le_bytes(word)
+            };
+            let hit = chunk
+                .chunks_exact(N)
+                .fold(false, |acc, e| acc | (bits(e) & exponent == exponent));
+            if hit {
+                let at = chunk
+                    .chunks_exact(N)
+                    .position(|e| bits(e) & exponent == exponent);
+                return at.map(|i| chunk_start + i);
+            }
+            chunk_start += chunk.len() / N;
+        }
+        None
+    }
+    match dtype {
+        Dtype::F32 => all_ones::<4>(bytes, 0x7f80_0000),
+        Dtype::F16 => all_ones::<2>(bytes, 0x7c00),
+        Dtype::BF16 => all_ones::<2>(bytes, 0x7f80),
+        Dtype::F64 => all_ones::<8>(bytes, 0x7ff0_0000_0000_0000),
+        _ => None,
+    }
+}
+
+fn first_where(values: &[f32], bad: impl Fn(&f32) -> bool + Copy) -> Option<usize> {
+    for (c, chunk) in values.chunks(CHUNK).enumerate() {
+        if chunk.iter().fold(false, |acc, v| acc | bad(v)) {
+            return chunk.iter().position(bad).map(|i| c * CHUNK + i);
+        }
+    }
+    None
+}
+
+/// How a non-finite value reads in an error message.
+pub fn describe(value: f32) -> &'static str {
+    if value.is_nan() {
+        "NaN"
+    } else if value > 0.0 {
+        "+inf"
+    } else {
+        "-inf"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::convert::encode;
+
+    #[test]
+    fn finds_the_first_nonfinite_value_in_every_float_dtype() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 1, 63, 64, 200] {
+                let mut values: Vec<f32> = (0..257).map(|i| i as f32 * 0.5 - 60.0).collect();
+                values[at] = bad;
+                values[250] = bad;
+                assert_eq!(first_nonfinite(&values), Some(at));
+                for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+                    let mut bytes = vec![0u8; values.len() * dtype.size()];
+                    encode(dtype, &values, &mut bytes);
+                    assert_eq!(first_nonfinite_stored(dtype, &bytes), Some(at), "{dtype:?}");
+                }
+            }
+        }
+        let finite: Vec<f32> = vec![f32::MAX, f32::MIN, 0.0, -0.0, 1e-45];
+        assert_eq!(first_nonfinite(&finite), None);
+        let mut bytes = vec![0u8; finite.len() * 4];
+        encode(Dtype::F32, &finite, &mut bytes);
+        assert_eq!(first_nonfinite_stored(Dtype::F32, &bytes), None);
+        assert_eq!(first_nonfinite_stored(Dtype::I32, &[0xff; 8]), None);
+        assert_eq!(
+            first_nonfinite_stored(Dtype::F64, &f64::NAN.to_le_bytes()),
+            Some(0)
+        );
+    }
+}
