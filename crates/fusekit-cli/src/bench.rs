@@ -33,22 +33,6 @@ pub struct BenchArgs {
     tiny: bool,
 }
 
-fn config(method: &str, dir: &Path) -> String {
-    let (base, a, b) = (dir.join("base"), dir.join("ft1"), dir.join("ft2"));
-    let (base, a, b) = (base.display(), a.display(), b.display());
-    match method {
-        "linear" => format!("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n"),
-        "slerp" => format!("merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\nparameters:\n  t: 0.5\ndtype: bfloat16\n"),
-        "arcee_fusion" => format!("merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\ndtype: bfloat16\n"),
-        "pcb" | "pcb_per_tensor" | "widen" | "varm" | "tsv" | "iso_c" => format!("merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\ndtype: bfloat16\n"),
-        // One continual step: ft1 stands for the running merge, ft2 is folded in.
-        "opcm" => format!("merge_method: opcm\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{previous_lambda: 1.0, lambda: 1.4}}\ndtype: bfloat16\n"),
-        "model_stock" | "karcher" => format!("merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\ndtype: bfloat16\n"),
-        "nuslerp" | "multislerp" => format!("merge_method: {method}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n"),
-        m => format!("merge_method: {m}\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5, density: 0.2}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.2}}\ndtype: bfloat16\n"),
-    }
-}
-
 struct Measured {
     wall: Duration,
     peak_rss: u64,
@@ -163,7 +147,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!("|---|---|---|---|---|---|---|---|");
     for method in &args.methods {
         let cfg_path = dir.join(format!("{method}.yml"));
-        std::fs::write(&cfg_path, config(method, dir))?;
+        std::fs::write(&cfg_path, fusekit::fixtures::method_config(method, dir))?;
         let out = dir.join(format!("out-{method}"));
         let _ = std::fs::remove_dir_all(&out);
         // Warm the page cache the same way for every contender.

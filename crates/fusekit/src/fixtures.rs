@@ -378,6 +378,30 @@ fn base_value(seed: u64, name: &str, init: Init, index: usize) -> f32 {
 }
 
 /// Writes the model into `dir` (created; must not exist yet).
+/// A config that exercises `method` on `dir/base` and its fine-tunes `dir/ft1`, `dir/ft2` in
+/// bf16, with the parameters the benchmark uses.
+pub fn method_config(method: &str, dir: &Path) -> String {
+    let (base, a, b) = (dir.join("base"), dir.join("ft1"), dir.join("ft2"));
+    let (base, a, b) = (base.display(), a.display(), b.display());
+    let models = |params: &str| {
+        format!("models:\n  - model: {a}\n    parameters: {{{params}}}\n  - model: {b}\n    parameters: {{{params}}}\n")
+    };
+    let body = match method {
+        "linear" | "nuslerp" | "multislerp" => models("weight: 0.5"),
+        "slerp" => format!("base_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\nparameters:\n  t: 0.5\n"),
+        "nearswap" => format!("base_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\nparameters:\n  t: 0.001\n"),
+        "arcee_fusion" => format!("base_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\n"),
+        "passthrough" => format!("models:\n  - model: {a}\n"),
+        // One continual step: ft1 stands for the running merge, ft2 is folded in.
+        "opcm" => format!("base_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{previous_lambda: 1.0, lambda: 1.4}}\n"),
+        "pcb" | "pcb_per_tensor" | "widen" | "varm" | "tsv" | "iso_c" | "model_stock" | "karcher"
+        | "ram" | "ramplus_tl" => format!("base_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n"),
+        "sce" => format!("base_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{select_topk: 0.5}}\n"),
+        _ => format!("base_model: {base}\n{}", models("weight: 0.5, density: 0.2")),
+    };
+    format!("merge_method: {method}\n{body}dtype: bfloat16\n")
+}
+
 pub fn write_model(spec: &ModelSpec, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tensors = spec.tensors();

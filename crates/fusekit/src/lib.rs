@@ -15,6 +15,7 @@ pub mod error;
 pub mod exec;
 pub mod extract_lora;
 pub mod fixtures;
+pub mod fuzzing;
 pub mod kernels;
 pub mod methods;
 pub mod plan;
