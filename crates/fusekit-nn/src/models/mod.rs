@@ -1,0 +1,4 @@
+//! One file per model family, each a plain forward pass over [`crate::weights::Weights`].
+
+pub mod bert;
+pub mod mlp;

@@ -1,0 +1,125 @@
+//! A checkpoint's float tensors as candle variables, read through fusekit's validated reader
+//! (so sharded models, Hugging Face cache ids and `model+adapter` references all load).
+
+use crate::{Error, Result};
+use candle_core::{Device, Tensor, Var};
+use fusekit::checkpoint::Checkpoint;
+use std::collections::BTreeMap;
+
+/// Named parameters, computed in f32 whatever the stored dtype. Trainable weights track
+/// gradients; frozen ones are plain tensors, so evaluation builds no backward graph.
+pub struct Weights {
+    pub reference: String,
+    pub config: serde_json::Value,
+    vars: BTreeMap<String, Var>,
+    trainable: bool,
+}
+
+impl Weights {
+    /// Loads every float tensor of `reference` (integer buffers such as `position_ids` are
+    /// not parameters and are left out).
+    pub fn load(reference: &str, device: &Device, trainable: bool) -> Result<Weights> {
+        let checkpoint = Checkpoint::open(reference)?;
+        let names: Vec<String> = checkpoint.tensor_names().map(str::to_string).collect();
+        let mut vars = BTreeMap::new();
+        for name in names {
+            let source = checkpoint.source(&name).expect("listed tensors exist");
+            if !source.dtype.is_mergeable_float() {
+                continue;
+            }
+            let mut values = vec![0f32; source.numel()];
+            source.read_f32(0, &mut values);
+            let tensor = Tensor::from_vec(values, source.shape.as_slice(), device)?;
+            vars.insert(name, Var::from_tensor(&tensor)?);
+        }
+        Ok(Weights {
+            reference: reference.to_string(),
+            config: checkpoint.config.clone(),
+            vars,
+            trainable,
+        })
+    }
+
+    /// The tensor `name`, with the shape the model expects.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let var = self
+            .vars
+            .get(name)
+            .ok_or_else(|| Error::model(&self.reference, format!("has no tensor `{name}`")))?;
+        if var.dims() != shape {
+            return Err(Error::model(
+                &self.reference,
+                format!("`{name}` is {:?}, expected {shape:?}", var.dims()),
+            ));
+        }
+        Ok(if self.trainable {
+            var.as_tensor().clone()
+        } else {
+            var.as_tensor().detach()
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.vars.contains_key(name)
+    }
+
+    /// Every parameter by name.
+    pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.vars.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// An integer field of `config.json`.
+    pub fn config_usize(&self, key: &str) -> Result<usize> {
+        self.config
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::model(&self.reference, format!("config.json lacks `{key}`")))
+    }
+
+    /// A float field of `config.json`, or `default`.
+    pub fn config_f64(&self, key: &str, default: f64) -> f64 {
+        self.config
+            .get(key)
+            .and_then(|v| v.as_f64())
+            .unwrap_or(default)
+    }
+}
+
+/// Writes `tensors` (f32) and `config` as a Hugging Face model directory at `out`, atomically.
+pub fn save(
+    out: &std::path::Path,
+    config: &serde_json::Value,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    let staging = fusekit::write::Staging::new(out)?;
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let values = t
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?;
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Ok((name.clone(), t.dims().to_vec(), bytes))
+        })
+        .collect::<Result<_>>()?;
+    let views = data.iter().map(|(name, shape, bytes)| {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .expect("shape and bytes agree");
+        (name.as_str(), view)
+    });
+    let path = staging.dir.join(fusekit::checkpoint::SINGLE_FILE);
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    safetensors::tensor::serialize_to_file(views, metadata, &path)
+        .map_err(|e| Error::model(path.display().to_string(), e.to_string()))?;
+    let config_path = staging.dir.join(fusekit::checkpoint::CONFIG_FILE);
+    let text = serde_json::to_string_pretty(config).expect("plain JSON");
+    std::fs::write(&config_path, text).map_err(|e| fusekit::Error::io(&config_path, e))?;
+    staging.commit(out)?;
+    Ok(())
+}
