@@ -9,6 +9,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 mod bench;
+#[cfg(feature = "nn")]
+mod eval;
 
 #[derive(Parser)]
 #[command(
@@ -139,6 +141,9 @@ enum Command {
     Continual(ContinualCommand),
     /// Benchmark fusekit against mergekit and the I/O roofline on a generated 1B model.
     Bench(bench::BenchArgs),
+    /// Evaluate a model: perplexity on a text file, or accuracy on labelled JSONL.
+    #[cfg(feature = "nn")]
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Subcommand)]
@@ -464,5 +469,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        #[cfg(feature = "nn")]
+        Command::Eval(args) => eval::run(args),
     }
 }

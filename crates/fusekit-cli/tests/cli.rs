@@ -102,3 +102,45 @@ fn methods_are_listed_with_defaults() {
     }
     assert!(text.contains("density") && text.contains("default 1"));
 }
+
+#[cfg(feature = "nn")]
+#[test]
+fn eval_prints_a_table_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let made = fusekit(
+        &["make-model", "--family", "llama", "--dtype", "float32", "m"],
+        d,
+    );
+    assert!(made.status.success());
+    let words: Vec<String> = (0..100).map(|i| format!("t{}", i % 30)).collect();
+    std::fs::write(d.join("text.txt"), words.join(" ")).unwrap();
+    let run = fusekit(
+        &[
+            "eval",
+            "m",
+            "--text",
+            "text.txt",
+            "--context",
+            "16",
+            "--json",
+            "r.json",
+            "--quiet",
+        ],
+        d,
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("| model | data | perplexity |"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("r.json")).unwrap()).unwrap();
+    assert_eq!(report["metric"], "perplexity");
+    assert!(report["value"].as_f64().unwrap() > 1.0);
+    let missing = fusekit(&["eval", "m"], d);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--text"));
+}

@@ -59,6 +59,33 @@ impl Weights {
         })
     }
 
+    /// Replaces this model's task head (`classifier.*`, `head.*`) and label count by `other`'s.
+    pub fn take_head(&mut self, other: &Weights) -> Result<()> {
+        let is_head = |n: &str| n.starts_with("classifier.") || n.starts_with("head.");
+        if !other.vars.keys().any(|n| is_head(n)) {
+            return Err(Error::model(
+                &other.reference,
+                "has no `classifier` or `head` tensors",
+            ));
+        }
+        self.vars.retain(|n, _| !is_head(n));
+        for (name, var) in other.vars.iter().filter(|(n, _)| is_head(n)) {
+            self.vars.insert(name.clone(), var.clone());
+        }
+        if let Some(labels) = other.config.get("num_labels") {
+            self.config["num_labels"] = labels.clone();
+        }
+        Ok(())
+    }
+
+    /// The number of classes of a head: the rows of its weight.
+    pub fn head_labels(&self, name: &str) -> Result<usize> {
+        self.vars
+            .get(name)
+            .map(|v| v.dims()[0])
+            .ok_or_else(|| Error::model(&self.reference, format!("has no tensor `{name}`")))
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.vars.contains_key(name)
     }
@@ -84,6 +111,11 @@ impl Weights {
             .and_then(|v| v.as_f64())
             .unwrap_or(default)
     }
+}
+
+/// The directory a model reference resolves to (for its tokenizer files).
+pub fn model_dir(reference: &str) -> Result<std::path::PathBuf> {
+    Ok(Checkpoint::open(reference)?.dir)
 }
 
 /// Writes `tensors` (f32) and `config` as a Hugging Face model directory at `out`, atomically.
