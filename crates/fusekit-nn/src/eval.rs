@@ -232,7 +232,7 @@ fn classify(
 }
 
 enum Classifier<'a> {
-    Encoder(Bert<'a>, TextEncoder, &'a Weights, Pooling),
+    Encoder(Bert<'a>, Box<TextEncoder>, &'a Weights, Pooling),
     Mlp(Mlp<'a>),
 }
 
@@ -258,7 +258,7 @@ impl<'a> Classifier<'a> {
                 }
                 Ok(Classifier::Encoder(
                     Bert::new(w)?,
-                    TextEncoder::from_model_dir(&dir, max_len)?,
+                    Box::new(TextEncoder::from_model_dir(&dir, max_len)?),
                     w,
                     pooling,
                 ))
