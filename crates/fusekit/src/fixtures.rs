@@ -396,6 +396,8 @@ pub fn method_config(method: &str, dir: &Path) -> String {
         "opcm" => format!("base_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{previous_lambda: 1.0, lambda: 1.4}}\n"),
         "pcb" | "pcb_per_tensor" | "widen" | "varm" | "tsv" | "iso_c" | "model_stock" | "karcher"
         | "ram" | "ramplus_tl" => format!("base_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n"),
+        // Fisher diagonals in `dir/ft1.fisher`, `dir/ft2.fisher` (`write_fisher_stand_in`).
+        "fisher" => format!("{}data:\n  {a}: {{fisher: {a}.fisher}}\n  {b}: {{fisher: {b}.fisher}}\n", models("weight: 1.0")),
         "sce" => format!("base_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{select_topk: 0.5}}\n"),
         _ => format!("base_model: {base}\n{}", models("weight: 0.5, density: 0.2")),
     };
@@ -663,4 +665,36 @@ pub fn write_lora(model: &Checkpoint, spec: &LoraSpec, dir: &Path) -> Result<()>
         &dir.join(crate::checkpoint::lora::ADAPTER_CONFIG),
         &serde_json::to_string_pretty(&config).expect("plain JSON"),
     )
+}
+
+/// A stand-in for a model's diagonal Fisher (tests and benchmarks of `fisher` without running
+/// the model): every float tensor's squares plus 10⁻³, in f32, with the model's `config.json`.
+pub fn write_fisher_stand_in(model: &Path, out: &Path) -> Result<()> {
+    let checkpoint = Checkpoint::open(&model.to_string_lossy())?;
+    let mut tensors = Vec::new();
+    for name in checkpoint.tensor_names() {
+        let source = checkpoint.source(name).expect("listed");
+        if !source.dtype.is_mergeable_float() {
+            continue;
+        }
+        let mut values = vec![0f32; source.numel()];
+        source.read_f32(0, &mut values);
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| (v * v + 1e-3).to_le_bytes())
+            .collect();
+        tensors.push((name.to_string(), source.shape.clone(), bytes));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let views = tensors.iter().map(|(name, shape, bytes)| {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .expect("shape and bytes agree");
+        (name.as_str(), view)
+    });
+    let path = out.join(crate::checkpoint::SINGLE_FILE);
+    safetensors::tensor::serialize_to_file(views, None, &path)
+        .map_err(|e| Error::bad_file(&path, e.to_string()))?;
+    let config = serde_json::to_string_pretty(&checkpoint.config).expect("plain JSON");
+    std::fs::write(out.join(CONFIG_FILE), config).map_err(|e| Error::io(out, e))
 }

@@ -18,6 +18,10 @@ fn every_method_gives_the_same_bytes_with_any_thread_count() {
     write_model(&base, &d.join("base")).unwrap();
     write_model(&base.clone().finetuned(2, 0.02), &d.join("ft1")).unwrap();
     write_model(&base.finetuned(3, 0.02), &d.join("ft2")).unwrap();
+    for ft in ["ft1", "ft2"] {
+        fusekit::fixtures::write_fisher_stand_in(&d.join(ft), &d.join(format!("{ft}.fisher")))
+            .unwrap();
+    }
     let inputs = || ["base", "ft1", "ft2"].map(|m| checksums(&d.join(m)));
     let before = inputs();
     for method in fusekit::methods::all() {

@@ -37,6 +37,19 @@ pub struct MergeConfig {
     pub tokenizer: Option<TokenizerBlock>,
     #[serde(default)]
     pub chat_template: Option<Spanned<String>>,
+    /// Per-model data of the data-aware methods, keyed by model reference as written.
+    #[serde(default)]
+    pub data: Option<std::collections::BTreeMap<String, DataEntry>>,
+}
+
+/// What a data-aware method knows about one input model.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataEntry {
+    /// A statistics checkpoint of the model's diagonal Fisher (`fusekit fisher`): the same
+    /// tensor names and shapes as the model.
+    #[serde(default)]
+    pub fisher: Option<Spanned<String>>,
 }
 
 /// One part of a multi-module model (`modules: {NAME: …}`), merged with its own inputs.

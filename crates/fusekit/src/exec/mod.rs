@@ -15,7 +15,7 @@ use crate::kernels::convert::{encode, round_slice};
 use crate::kernels::finite::{describe, first_nonfinite, first_nonfinite_stored};
 use crate::kernels::{with_scratch, BLOCK};
 use crate::methods::{ModelStatistics, TensorContext, TensorMerger, MAX_PASSES};
-use crate::plan::{MergeTask, Plan, TensorTask, Work};
+use crate::plan::{MergeInput, MergeTask, Plan, TensorTask, Work};
 use crate::write::shard::ShardFile;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -235,16 +235,20 @@ fn compute_cast(plan: &Plan) -> Option<Dtype> {
 /// A merge's inputs as the method reads them.
 fn inputs_of<'a>(plan: &'a Plan, merge: &'a MergeTask, options: &ExecOptions) -> Vec<Input<'a>> {
     let cast = compute_cast(plan);
+    let input = |i: &'a MergeInput, cast: Option<Dtype>| Input {
+        source: &i.source,
+        cast: cast.filter(|c| *c != i.source.dtype),
+        tensor: &i.tensor,
+        model: &plan.models[i.model].reference,
+        finite: !options.allow_nonfinite,
+    };
+    // Statistics (Fisher diagonals) keep f32: rounded to bf16 they would underflow.
+    let companions = merge.companions.iter().map(|i| input(i, None));
     merge
         .inputs
         .iter()
-        .map(|i| Input {
-            source: &i.source,
-            cast: cast.filter(|c| *c != i.source.dtype),
-            tensor: &i.tensor,
-            model: &plan.models[i.model].reference,
-            finite: !options.allow_nonfinite,
-        })
+        .map(|i| input(i, cast))
+        .chain(companions)
         .collect()
 }
 

@@ -13,6 +13,7 @@ mod dare_linear;
 mod dare_ties;
 mod della;
 mod della_linear;
+mod fisher;
 mod global_topk;
 mod gta;
 mod iso_c;
@@ -219,8 +220,30 @@ pub trait ModelStatistics: Send {
     fn finish(self: Box<Self>) -> std::sync::Arc<dyn std::any::Any + Send + Sync>;
 }
 
+/// Per-model statistics a method reads beside the weights, from `data:` in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Companion {
+    /// The diagonal Fisher of each input model.
+    Fisher,
+}
+
+impl Companion {
+    /// The key under `data.MODEL` that names the statistics checkpoint.
+    pub fn key(self) -> &'static str {
+        match self {
+            Companion::Fisher => "fisher",
+        }
+    }
+}
+
 pub trait Method: Send + Sync {
     fn spec(&self) -> &'static MethodSpec;
+    /// Statistics each input model needs beside its weights. A method with a companion sees, in
+    /// every block, the inputs' views followed by their companions' views in the same order
+    /// (`views.len() == 2 · n_inputs`).
+    fn companion(&self) -> Option<Companion> {
+        None
+    }
     fn merger(&self, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>>;
     /// Model-wide statistics the merge of these tensors needs first, if any.
     fn model_statistics(
@@ -259,6 +282,7 @@ static METHODS: &[&dyn Method] = &[
     &pcb::Pcb,
     &pcb::PcbPerTensor,
     &opcm::Opcm,
+    &fisher::Fisher,
 ];
 
 pub fn all() -> &'static [&'static dyn Method] {
@@ -282,15 +306,38 @@ pub(crate) mod testing {
         params: ResolvedParams,
         seed: u64,
     ) -> Vec<f32> {
+        run_seeded(method, inputs, inputs.len(), base, params, seed)
+    }
+
+    /// Runs a method that reads companions: `inputs` holds the `n_models` models' tensors, then
+    /// their companions' in the same order.
+    pub fn run_companions(
+        method: &dyn Method,
+        inputs: &[Vec<f32>],
+        n_models: usize,
+        base: Option<usize>,
+        params: ResolvedParams,
+    ) -> Vec<f32> {
+        run_seeded(method, inputs, n_models, base, params, 0)
+    }
+
+    fn run_seeded(
+        method: &dyn Method,
+        inputs: &[Vec<f32>],
+        n_inputs: usize,
+        base: Option<usize>,
+        params: ResolvedParams,
+        seed: u64,
+    ) -> Vec<f32> {
         let numel = inputs[0].len();
-        let keys: Vec<u64> = (0..inputs.len())
+        let keys: Vec<u64> = (0..n_inputs)
             .map(|i| crate::rng::stream_key(seed, "t", i))
             .collect();
         let ctx = TensorContext {
             name: "t",
             numel,
             shape: &[numel],
-            n_inputs: inputs.len(),
+            n_inputs,
             base,
             params: &params,
             rng_keys: &keys,
@@ -472,7 +519,15 @@ mod degenerate_inputs {
             base,
             ..context("edge", shape, &params, &keys)
         };
-        run_ctx(method, inputs, &ctx)
+        if method.companion().is_none() {
+            return run_ctx(method, inputs, &ctx);
+        }
+        // Companions (Fisher diagonals): positive, different per model.
+        let mut with_stats = inputs.to_vec();
+        for (i, x) in inputs.iter().enumerate() {
+            with_stats.push(x.iter().map(|v| v * v + 0.1 * i as f32 + 0.01).collect());
+        }
+        run_ctx(method, &with_stats, &ctx)
     }
 
     fn input_count(spec: &MethodSpec) -> usize {

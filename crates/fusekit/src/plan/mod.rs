@@ -55,6 +55,9 @@ pub struct Plan {
     pub config_text: String,
     pub compute_dtype: Option<Dtype>,
     pub seed: u64,
+    /// The statistics checkpoint of each model (indexed like `models`) when the method reads
+    /// one (`data: {MODEL: {fisher: DIR}}`).
+    pub companions: Vec<Option<Checkpoint>>,
 }
 
 pub struct Shard {
@@ -82,6 +85,9 @@ pub enum Work {
 
 pub struct MergeTask {
     pub inputs: Vec<MergeInput>,
+    /// The method's per-model statistics of the same tensor, one per input (see
+    /// `Method::companion`); empty for most methods.
+    pub companions: Vec<MergeInput>,
     /// The plan's model index of each input.
     pub models: Vec<usize>,
     pub base: Option<usize>,
@@ -237,6 +243,7 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
     let all_slices: Vec<&Slice> = parts.iter().flat_map(|p| &p.slices).collect();
     let first_model = all_slices[0].sources[0].model;
     let (tokenizer_donor, vocabulary) = tokenizer_plan(loaded, &mut models, base, &all_slices)?;
+    let companions = open_companions(c, method, &models, &all_slices)?;
     let donor_config = base.unwrap_or(first_model);
     let mut output_config = output_config(
         &models.list[donor_config].config,
@@ -253,6 +260,7 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
             out_dtype,
             seed: options.seed,
             vocabulary: vocabulary.as_ref(),
+            companions: &companions,
         };
         let layers = planner.plan_part(part, &mut tensors)?;
         part.module.set_layer_count(&mut output_config, layers);
@@ -279,7 +287,60 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
         config_text: loaded.text.clone(),
         compute_dtype,
         seed: options.seed,
+        companions,
     })
+}
+
+/// Opens the statistics checkpoint of every input model when the method reads one; `data:`
+/// entries for models that are not inputs are refused, so a typo does not go unnoticed.
+fn open_companions(
+    c: &config::MergeConfig,
+    method: &dyn methods::Method,
+    models: &Models,
+    slices: &[&Slice],
+) -> Result<Vec<Option<Checkpoint>>> {
+    let data = c.data.as_ref();
+    let mut companions: Vec<Option<Checkpoint>> = models.list.iter().map(|_| None).collect();
+    for key in data.iter().flat_map(|d| d.keys()) {
+        if !models.list.iter().any(|m| &m.reference == key) {
+            return Err(Error::config(format!(
+                "`data.{key}`: `{key}` is not a model of this merge"
+            )));
+        }
+    }
+    let Some(kind) = method.companion() else {
+        if let Some(key) = data.and_then(|d| d.keys().next()) {
+            return Err(Error::config(format!(
+                "`data.{key}`: `{}` reads no data",
+                method.spec().name
+            )));
+        }
+        return Ok(companions);
+    };
+    for model in slices.iter().flat_map(|s| &s.sources).map(|s| s.model) {
+        if companions[model].is_some() {
+            continue;
+        }
+        let reference = &models.list[model].reference;
+        let entry = data.and_then(|d| d.get(reference));
+        let path = entry.and_then(|e| match kind {
+            methods::Companion::Fisher => e.fisher.as_ref(),
+        });
+        let path = path.ok_or_else(|| {
+            Error::config(format!(
+                "`{}` needs `data: {{{reference}: {{{}: DIR}}}}` (make DIR with `fusekit {}`)",
+                method.spec().name,
+                kind.key(),
+                kind.key()
+            ))
+        })?;
+        let checkpoint = Checkpoint::open(&path.value).map_err(|e| match e {
+            Error::ModelNotFound { .. } => error_at(path, kind.key(), e),
+            other => other,
+        })?;
+        companions[model] = Some(checkpoint);
+    }
+    Ok(companions)
 }
 
 /// Every slice needs the base the method needs and as many inputs as it takes.
@@ -436,6 +497,7 @@ struct TensorPlanner<'a> {
     out_dtype: Option<Dtype>,
     seed: u64,
     vocabulary: Option<&'a Vocabulary>,
+    companions: &'a [Option<Checkpoint>],
 }
 
 impl TensorPlanner<'_> {
@@ -490,6 +552,7 @@ impl TensorPlanner<'_> {
             out_dtype,
             seed,
             vocabulary,
+            companions,
         } = *self;
         let vocabulary = vocabulary.filter(|_| crate::vocab::is_vocabulary_tensor(reference_name));
         let spec = method.spec();
@@ -602,6 +665,7 @@ impl TensorPlanner<'_> {
                 .collect();
             Work::Merge(MergeTask {
                 models: inputs.iter().map(|i| i.model).collect(),
+                companions: companion_inputs(&inputs, companions)?,
                 inputs,
                 base,
                 params,
@@ -617,6 +681,42 @@ impl TensorPlanner<'_> {
             work,
         })
     }
+}
+
+/// The companion tensor of every input: the same name and shape in its model's statistics
+/// checkpoint.
+fn companion_inputs(
+    inputs: &[MergeInput],
+    companions: &[Option<Checkpoint>],
+) -> Result<Vec<MergeInput>> {
+    if companions.iter().all(Option::is_none) {
+        return Ok(Vec::new());
+    }
+    inputs
+        .iter()
+        .map(|input| {
+            let stats = companions[input.model]
+                .as_ref()
+                .expect("every input model has one");
+            let source = stats
+                .source(&input.tensor)
+                .filter(|s| s.shape == input.source.shape && s.dtype.is_mergeable_float())
+                .ok_or_else(|| {
+                    Error::tensor(
+                        &input.tensor,
+                        format!(
+                            "statistics `{}` lack it, or hold it in another shape",
+                            stats.reference
+                        ),
+                    )
+                })?;
+            Ok(MergeInput {
+                model: input.model,
+                tensor: input.tensor.clone(),
+                source,
+            })
+        })
+        .collect()
 }
 
 /// torch's promotion among float dtypes: equal stays, otherwise f16 with bf16 or anything with

@@ -40,6 +40,7 @@ pub fn check_output(plan: &Plan, out: &Path, options: &WriteOptions) -> Result<(
     let dirs = plan
         .models
         .iter()
+        .chain(plan.companions.iter().flatten())
         .flat_map(|m| std::iter::once((m, &m.dir)).chain(m.adapter.as_ref().map(|a| (m, &a.dir))));
     for (model, dir) in dirs {
         let input = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
@@ -115,7 +116,11 @@ pub fn write(
     }
     write_small_files(plan, &staging.dir)?;
     // An output computed from an input that changed meanwhile may be wrong: it is not committed.
-    plan.models.iter().try_for_each(|m| m.check_unchanged())?;
+    let companions = plan.companions.iter().flatten();
+    plan.models
+        .iter()
+        .chain(companions)
+        .try_for_each(|m| m.check_unchanged())?;
     staging.commit(out)
 }
 
