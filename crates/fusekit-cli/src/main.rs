@@ -11,6 +11,8 @@ use std::path::PathBuf;
 mod bench;
 #[cfg(feature = "nn")]
 mod eval;
+#[cfg(feature = "nn")]
+mod fisher;
 
 #[derive(Parser)]
 #[command(
@@ -144,6 +146,9 @@ enum Command {
     /// Evaluate a model: perplexity on a text file, or accuracy on labelled JSONL.
     #[cfg(feature = "nn")]
     Eval(eval::EvalArgs),
+    /// Compute a classifier's diagonal Fisher on its data (the statistics `fisher` merges read).
+    #[cfg(feature = "nn")]
+    Fisher(fisher::FisherArgs),
 }
 
 #[derive(Subcommand)]
@@ -471,5 +476,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         #[cfg(feature = "nn")]
         Command::Eval(args) => eval::run(args),
+        #[cfg(feature = "nn")]
+        Command::Fisher(args) => fisher::run(args),
     }
 }

@@ -160,13 +160,21 @@ fn perplexity(
     Ok((nll, count))
 }
 
+impl Example {
+    pub(crate) fn label(&self) -> u32 {
+        match self {
+            Example::Text(_, l) | Example::Vector(_, l) => *l,
+        }
+    }
+}
+
 /// One labelled example of a JSONL file.
-enum Example {
+pub(crate) enum Example {
     Text(String, u32),
     Vector(Vec<f32>, u32),
 }
 
-fn read_examples(data: &Path, limit: Option<usize>) -> Result<Vec<Example>> {
+pub(crate) fn read_examples(data: &Path, limit: Option<usize>) -> Result<Vec<Example>> {
     let body = std::fs::read_to_string(data).map_err(|e| fusekit::Error::io(data, e))?;
     let bad = |line: usize, m: &str| fusekit::Error::bad_file(data, format!("line {line}: {m}"));
     let mut examples = Vec::new();
@@ -231,13 +239,13 @@ fn classify(
     Ok((correct, examples.len()))
 }
 
-enum Classifier<'a> {
+pub(crate) enum Classifier<'a> {
     Encoder(Bert<'a>, Box<TextEncoder>, &'a Weights, Pooling),
     Mlp(Mlp<'a>),
 }
 
 #[derive(Clone, Copy)]
-enum Pooling {
+pub(crate) enum Pooling {
     /// The BERT pooler's `tanh` output (`BertForSequenceClassification`).
     Pooler,
     /// The mean of the token vectors (sentence-transformers).
@@ -245,7 +253,7 @@ enum Pooling {
 }
 
 impl<'a> Classifier<'a> {
-    fn new(w: &'a Weights, max_len: usize) -> Result<Classifier<'a>> {
+    pub(crate) fn new(w: &'a Weights, max_len: usize) -> Result<Classifier<'a>> {
         match model_type(w) {
             "bert" => {
                 let dir = crate::weights::model_dir(&w.reference)?;
@@ -271,7 +279,8 @@ impl<'a> Classifier<'a> {
         }
     }
 
-    fn logits(&self, batch: &[Example]) -> Result<Tensor> {
+    /// Class logits `[batch, classes]`.
+    pub(crate) fn logits(&self, batch: &[Example]) -> Result<Tensor> {
         match self {
             Classifier::Encoder(bert, encoder, w, pooling) => {
                 let texts: Vec<&str> = batch

@@ -8,6 +8,7 @@
 //! checkpoint (through fusekit's reader, so LoRA references and validation come for free).
 
 pub mod eval;
+pub mod fisher;
 pub mod models;
 pub mod ops;
 pub mod text;

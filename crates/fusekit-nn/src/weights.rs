@@ -124,6 +124,16 @@ pub fn save(
     config: &serde_json::Value,
     tensors: &[(String, Tensor)],
 ) -> Result<()> {
+    save_with(out, config, tensors, &[])
+}
+
+/// [`save`], with more small files (name, text) in the directory.
+pub fn save_with(
+    out: &std::path::Path,
+    config: &serde_json::Value,
+    tensors: &[(String, Tensor)],
+    files: &[(&str, String)],
+) -> Result<()> {
     let staging = fusekit::write::Staging::new(out)?;
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
@@ -152,6 +162,10 @@ pub fn save(
     let config_path = staging.dir.join(fusekit::checkpoint::CONFIG_FILE);
     let text = serde_json::to_string_pretty(config).expect("plain JSON");
     std::fs::write(&config_path, text).map_err(|e| fusekit::Error::io(&config_path, e))?;
+    for (name, text) in files {
+        let path = staging.dir.join(name);
+        std::fs::write(&path, text).map_err(|e| fusekit::Error::io(&path, e))?;
+    }
     staging.commit(out)?;
     Ok(())
 }

@@ -1,0 +1,65 @@
+//! `fusekit fisher`: a classifier's diagonal Fisher on its task data, written as the statistics
+//! checkpoint that `merge_method: fisher` reads from `data:`.
+
+use anyhow::Result;
+use fusekit_nn::fisher::{write_fisher, FisherKind, FisherOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct FisherArgs {
+    /// The classifier (BERT with a `classifier` head, or a fusekit MLP).
+    model: String,
+    /// Its task's examples: JSONL of `{"text"|"input", "label"}` lines.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where the Fisher checkpoint goes.
+    out: PathBuf,
+    /// exact (every class, weighted by p), sampled (one class drawn from p) or empirical (gold
+    /// label).
+    #[arg(long, default_value = "exact")]
+    kind: FisherKind,
+    /// Examples used (the first N of the data).
+    #[arg(long, default_value_t = 256)]
+    examples: usize,
+    /// Seed of the sampled Fisher's class draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Longest text in tokens.
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(args: FisherArgs) -> Result<()> {
+    let options = FisherOptions {
+        kind: args.kind,
+        examples: args.examples,
+        seed: args.seed,
+        max_len: args.max_len,
+    };
+    let bar = ProgressBar::new(0);
+    if args.quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} examples eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    write_fisher(
+        &args.model,
+        &args.data,
+        &args.out,
+        &options,
+        &|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    )?;
+    bar.finish_and_clear();
+    eprintln!("wrote {} ({:?} Fisher)", args.out.display(), options.kind);
+    Ok(())
+}

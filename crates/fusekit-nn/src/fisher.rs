@@ -1,0 +1,165 @@
+//! The diagonal Fisher information of a classifier's parameters on its task's data, the
+//! statistics of Fisher merging (Matena & Raffel 2022, `methods.md` §1):
+//!
+//!   F(j) = (1/N) Σₓ Σ_y p(y|x) · (∂ log p(y|x) / ∂θⱼ)²        (exact: every class)
+//!
+//! squared per example before any sum (one backward pass per example and class; MergeLM's
+//! batched form adds cross terms and is not this estimator). `Sampled` draws one y ~ p(·|x)
+//! from a seeded counter-based stream, `Empirical` uses the gold label. The result is written
+//! as a checkpoint with the model's tensor names, in f32 (bf16 Fishers underflow), beside a
+//! `fisher.json` saying how it was made; `merge_method: fisher` reads it from `data:`.
+
+use crate::eval::{read_examples, Classifier};
+use crate::weights::{save_with, Weights};
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FisherKind {
+    /// Every class, weighted by the model's probability (the paper's estimator).
+    Exact,
+    /// One class drawn from the model's distribution per example.
+    Sampled,
+    /// The gold label.
+    Empirical,
+}
+
+impl std::str::FromStr for FisherKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exact" => Ok(FisherKind::Exact),
+            "sampled" => Ok(FisherKind::Sampled),
+            "empirical" => Ok(FisherKind::Empirical),
+            other => Err(format!(
+                "unknown Fisher `{other}` (exact, sampled, empirical)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FisherOptions {
+    pub kind: FisherKind,
+    /// The first this many examples of the data (the reference uses 4096).
+    pub examples: usize,
+    pub seed: u64,
+    /// Longest text in tokens.
+    pub max_len: usize,
+}
+
+impl Default for FisherOptions {
+    fn default() -> Self {
+        FisherOptions {
+            kind: FisherKind::Exact,
+            examples: 256,
+            seed: 0,
+            max_len: 128,
+        }
+    }
+}
+
+/// The diagonal Fisher of every parameter of `model` (a BERT or MLP classifier) on `data`.
+pub fn diagonal_fisher(
+    model: &str,
+    data: &Path,
+    options: &FisherOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Vec<(String, Tensor)>> {
+    let w = Weights::load(model, &Device::Cpu, true)?;
+    let classifier = Classifier::new(&w, options.max_len)?;
+    let examples = read_examples(data, Some(options.examples))?;
+    if examples.is_empty() {
+        return Err(Error::model(
+            data.display().to_string(),
+            "holds no examples",
+        ));
+    }
+    let mut sums: BTreeMap<&str, Tensor> = w
+        .vars()
+        .map(|(name, var)| Ok((name, var.as_tensor().zeros_like()?)))
+        .collect::<Result<_>>()?;
+    for (index, example) in examples.iter().enumerate() {
+        let logits = classifier
+            .logits(std::slice::from_ref(example))?
+            .squeeze(0)?;
+        let log_p = crate::ops::log_softmax_last_dim(&logits)?;
+        let p = log_p.exp()?.detach().to_vec1::<f32>()?;
+        let classes: Vec<(usize, f32)> = match options.kind {
+            FisherKind::Exact => p.iter().copied().enumerate().collect(),
+            FisherKind::Sampled => {
+                let key = fusekit::rng::stream_key(options.seed, "fisher", 0);
+                vec![(sample(&p, fusekit::rng::uniform(key, index as u64)), 1.0)]
+            }
+            FisherKind::Empirical => {
+                let label = example.label() as usize;
+                if label >= p.len() {
+                    return Err(Error::model(
+                        data.display().to_string(),
+                        format!(
+                            "label {label} of example {index} exceeds the {} classes",
+                            p.len()
+                        ),
+                    ));
+                }
+                vec![(label, 1.0)]
+            }
+        };
+        for (class, weight) in classes {
+            let grads = log_p.get(class)?.backward()?;
+            for (name, var) in w.vars() {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    let sum = sums.get_mut(name).expect("every var");
+                    *sum = (&*sum + (g.sqr()? * weight as f64)?)?;
+                }
+            }
+        }
+        progress(index as u64 + 1, examples.len() as u64);
+    }
+    let n = examples.len() as f64;
+    sums.into_iter()
+        .map(|(name, sum)| Ok((name.to_string(), (sum / n)?)))
+        .collect()
+}
+
+/// The class whose cumulative probability first exceeds `u` ∈ [0, 1).
+fn sample(p: &[f32], u: f64) -> usize {
+    let mut acc = 0f64;
+    for (i, &pi) in p.iter().enumerate() {
+        acc += pi as f64;
+        if u < acc {
+            return i;
+        }
+    }
+    p.len() - 1
+}
+
+/// Computes the Fisher and writes it to `out` as a checkpoint, with `fisher.json` (kind,
+/// examples, seed, data, model) beside it.
+pub fn write_fisher(
+    model: &str,
+    data: &Path,
+    out: &Path,
+    options: &FisherOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<()> {
+    let fisher = diagonal_fisher(model, data, options, progress)?;
+    let config = fusekit::checkpoint::Checkpoint::open(model)?.config;
+    let total: f64 = fisher
+        .iter()
+        .map(|(_, t)| Ok(t.sum_all()?.to_scalar::<f32>()? as f64))
+        .sum::<Result<f64>>()?;
+    let about = serde_json::json!({
+        "statistics": "diagonal Fisher",
+        "model": model,
+        "data": data.display().to_string(),
+        "options": options,
+        "sum": total,
+    });
+    let about = serde_json::to_string_pretty(&about).expect("plain JSON") + "\n";
+    save_with(out, &config, &fisher, &[("fisher.json", about)])?;
+    Ok(())
+}
