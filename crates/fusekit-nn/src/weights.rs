@@ -6,13 +6,16 @@ use candle_core::{Device, Tensor, Var};
 use fusekit::checkpoint::Checkpoint;
 use std::collections::BTreeMap;
 
-/// Named parameters, computed in f32 whatever the stored dtype. Trainable weights track
-/// gradients; frozen ones are plain tensors, so evaluation builds no backward graph.
+/// Named parameters, computed in f32 whatever the stored dtype. Trainable weights are candle
+/// variables that collect gradients; frozen ones are plain tensors, so evaluation builds no
+/// backward graph; weights computed from other tensors (a merge with learned coefficients)
+/// carry their graph back to those.
 pub struct Weights {
     pub reference: String,
     pub config: serde_json::Value,
+    values: BTreeMap<String, Tensor>,
+    /// The variables behind `values`, when trainable.
     vars: BTreeMap<String, Var>,
-    trainable: bool,
 }
 
 impl Weights {
@@ -21,56 +24,81 @@ impl Weights {
     pub fn load(reference: &str, device: &Device, trainable: bool) -> Result<Weights> {
         let checkpoint = Checkpoint::open(reference)?;
         let names: Vec<String> = checkpoint.tensor_names().map(str::to_string).collect();
+        let mut values = BTreeMap::new();
         let mut vars = BTreeMap::new();
         for name in names {
             let source = checkpoint.source(&name).expect("listed tensors exist");
             if !source.dtype.is_mergeable_float() {
                 continue;
             }
-            let mut values = vec![0f32; source.numel()];
-            source.read_f32(0, &mut values);
-            let tensor = Tensor::from_vec(values, source.shape.as_slice(), device)?;
-            vars.insert(name, Var::from_tensor(&tensor)?);
+            let mut data = vec![0f32; source.numel()];
+            source.read_f32(0, &mut data);
+            let tensor = Tensor::from_vec(data, source.shape.as_slice(), device)?;
+            if trainable {
+                let var = Var::from_tensor(&tensor)?;
+                values.insert(name.clone(), var.as_tensor().clone());
+                vars.insert(name, var);
+            } else {
+                values.insert(name, tensor);
+            }
         }
         Ok(Weights {
             reference: reference.to_string(),
             config: checkpoint.config.clone(),
+            values,
             vars,
-            trainable,
         })
+    }
+
+    /// Weights made of given tensors (which may depend on trainable ones).
+    pub fn from_tensors(
+        reference: &str,
+        config: serde_json::Value,
+        values: BTreeMap<String, Tensor>,
+    ) -> Weights {
+        Weights {
+            reference: reference.to_string(),
+            config,
+            values,
+            vars: BTreeMap::new(),
+        }
     }
 
     /// The tensor `name`, with the shape the model expects.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let var = self
-            .vars
+        let tensor = self
+            .values
             .get(name)
             .ok_or_else(|| Error::model(&self.reference, format!("has no tensor `{name}`")))?;
-        if var.dims() != shape {
+        if tensor.dims() != shape {
             return Err(Error::model(
                 &self.reference,
-                format!("`{name}` is {:?}, expected {shape:?}", var.dims()),
+                format!("`{name}` is {:?}, expected {shape:?}", tensor.dims()),
             ));
         }
-        Ok(if self.trainable {
-            var.as_tensor().clone()
-        } else {
-            var.as_tensor().detach()
-        })
+        Ok(tensor.clone())
+    }
+
+    /// Every tensor by name.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// Replaces this model's task head (`classifier.*`, `head.*`) and label count by `other`'s.
     pub fn take_head(&mut self, other: &Weights) -> Result<()> {
-        let is_head = |n: &str| n.starts_with("classifier.") || n.starts_with("head.");
-        if !other.vars.keys().any(|n| is_head(n)) {
+        if !other.values.keys().any(|n| is_head(n)) {
             return Err(Error::model(
                 &other.reference,
                 "has no `classifier` or `head` tensors",
             ));
         }
+        self.values.retain(|n, _| !is_head(n));
         self.vars.retain(|n, _| !is_head(n));
-        for (name, var) in other.vars.iter().filter(|(n, _)| is_head(n)) {
-            self.vars.insert(name.clone(), var.clone());
+        for (name, t) in other.values.iter().filter(|(n, _)| is_head(n)) {
+            self.values.insert(name.clone(), t.clone());
+        }
+        for (name, v) in other.vars.iter().filter(|(n, _)| is_head(n)) {
+            self.vars.insert(name.clone(), v.clone());
         }
         if let Some(labels) = other.config.get("num_labels") {
             self.config["num_labels"] = labels.clone();
@@ -80,17 +108,17 @@ impl Weights {
 
     /// The number of classes of a head: the rows of its weight.
     pub fn head_labels(&self, name: &str) -> Result<usize> {
-        self.vars
+        self.values
             .get(name)
             .map(|v| v.dims()[0])
             .ok_or_else(|| Error::model(&self.reference, format!("has no tensor `{name}`")))
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.vars.contains_key(name)
+        self.values.contains_key(name)
     }
 
-    /// Every parameter by name.
+    /// Every trainable parameter by name (none unless loaded trainable).
     pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
         self.vars.iter().map(|(k, v)| (k.as_str(), v))
     }
@@ -168,4 +196,9 @@ pub fn save_with(
     }
     staging.commit(out)?;
     Ok(())
+}
+
+/// Task heads: the tensors a merge leaves to each task (`classifier.*`, `head.*`).
+pub fn is_head(name: &str) -> bool {
+    name.starts_with("classifier.") || name.starts_with("head.")
 }

@@ -100,9 +100,9 @@ fn perplexity_of_a_uniform_model_is_the_vocabulary_size() {
     write_model(&spec, &d.join("llama")).unwrap();
     let w = Weights::load(d.join("llama").to_str().unwrap(), &Device::Cpu, false).unwrap();
     let tensors: Vec<(String, Tensor)> = w
-        .vars()
-        .map(|(name, var)| {
-            let t = var.as_tensor().clone();
+        .tensors()
+        .map(|(name, t)| {
+            let t = t.clone();
             let t = if name == "lm_head.weight" {
                 t.zeros_like().unwrap()
             } else {
@@ -160,8 +160,8 @@ fn bert_classifier_uses_its_head() {
     .unwrap();
     let w = Weights::load(d.join("bert").to_str().unwrap(), &Device::Cpu, false).unwrap();
     let mut tensors: Vec<(String, Tensor)> = w
-        .vars()
-        .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+        .tensors()
+        .map(|(n, t)| (n.to_string(), t.clone()))
         .collect();
     tensors.push(("classifier.weight".into(), t(&[0.0; 64], &[2, 32])));
     tensors.push(("classifier.bias".into(), t(&[0.0, 5.0], &[2])));

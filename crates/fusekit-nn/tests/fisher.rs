@@ -201,9 +201,9 @@ fn the_fisher_checkpoint_feeds_a_fisher_merge() {
     let b =
         fusekit_nn::weights::Weights::load(d.join("merged").to_str().unwrap(), &Device::Cpu, false)
             .unwrap();
-    for (name, var) in a.vars() {
-        let merged = values(&b.get(name, var.dims()).unwrap());
-        for (x, y) in values(var.as_tensor()).iter().zip(merged) {
+    for (name, t) in a.tensors() {
+        let merged = values(&b.get(name, t.dims()).unwrap());
+        for (x, y) in values(t).iter().zip(merged) {
             assert!(
                 (x - y).abs() <= 2.0 * f32::EPSILON as f64 * x.abs(),
                 "{name}: {x} vs {y}"
