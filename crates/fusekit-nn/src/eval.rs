@@ -169,6 +169,7 @@ impl Example {
 }
 
 /// One labelled example of a JSONL file.
+#[derive(Clone)]
 pub(crate) enum Example {
     Text(String, u32),
     Vector(Vec<f32>, u32),

@@ -7,6 +7,7 @@
 //! silently stop gradients. [`ops`] holds the differentiable building blocks, [`weights`] loads a
 //! checkpoint (through fusekit's reader, so LoRA references and validation come for free).
 
+pub mod coefficients;
 pub mod eval;
 pub mod fisher;
 pub mod models;
