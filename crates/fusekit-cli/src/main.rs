@@ -13,6 +13,8 @@ mod bench;
 mod eval;
 #[cfg(feature = "nn")]
 mod fisher;
+#[cfg(feature = "nn")]
+mod learn;
 
 #[derive(Parser)]
 #[command(
@@ -303,6 +305,8 @@ fn run(cli: Cli) -> Result<()> {
             if dry_run {
                 return print_plans(&config, &out, &options);
             }
+            #[cfg(feature = "nn")]
+            let config = learn::prepare(&config, &out, quiet)?;
             let bar = ProgressBar::new(0);
             if quiet {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());

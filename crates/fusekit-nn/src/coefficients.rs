@@ -111,7 +111,10 @@ pub fn learn(
         let w = Weights::load(&e.model, &device, false)?;
         let examples = read_examples(&e.data, Some(options.examples))?;
         if examples.is_empty() {
-            return Err(Error::model(e.data.display().to_string(), "holds no examples"));
+            return Err(Error::model(
+                e.data.display().to_string(),
+                "holds no examples",
+            ));
         }
         tasks.push((w, examples));
     }
@@ -238,7 +241,9 @@ pub fn task_arithmetic_config(base: &str, experts: &[Expert], learned: &Learned)
             None => {
                 yaml.push_str("      weight:\n");
                 for (name, l) in lambdas {
-                    yaml.push_str(&format!("        - filter: \"{name}\"\n          value: {l}\n"));
+                    yaml.push_str(&format!(
+                        "        - filter: \"{name}\"\n          value: {l}\n"
+                    ));
                 }
                 // Heads are not learned: they are not merged in use.
                 yaml.push_str("        - value: 0\n");
@@ -246,4 +251,124 @@ pub fn task_arithmetic_config(base: &str, experts: &[Expert], learned: &Learned)
         }
     }
     yaml
+}
+
+/// A config of `merge_method: adamerging | atlas` as the YAML gives it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LearnedMergeConfig {
+    merge_method: String,
+    base_model: String,
+    models: Vec<LearnedModel>,
+    /// `MODEL: {file: JSONL}`: each expert's task data.
+    data: BTreeMap<String, DataFile>,
+    #[serde(default)]
+    parameters: LearnParameters,
+    #[serde(default)]
+    dtype: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LearnedModel {
+    model: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataFile {
+    file: PathBuf,
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LearnParameters {
+    steps: Option<usize>,
+    learning_rate: Option<f64>,
+    init: Option<f64>,
+    /// `task` or `tensor`.
+    granularity: Option<String>,
+    batch_size: Option<usize>,
+    examples: Option<usize>,
+    max_len: Option<usize>,
+}
+
+/// For an `adamerging` or `atlas` config: learns the coefficients and returns the
+/// `task_arithmetic` config that merges with them (what was learned in its leading comments);
+/// `None` for any other method.
+pub fn learned_config(
+    text: &str,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Option<(String, Learned)>> {
+    let method = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("merge_method:"))
+        .map(|m| m.trim().trim_matches(['"', '\'']).to_string());
+    if !method
+        .as_deref()
+        .is_some_and(|m| fusekit::methods::LEARNED.contains(&m))
+    {
+        return Ok(None);
+    }
+    let config: LearnedMergeConfig =
+        serde_saphyr::from_str(text).map_err(|e| Error::model("config", e.to_string()))?;
+    let mut options = match config.merge_method.as_str() {
+        "atlas" => CoefficientOptions::atlas(),
+        _ => CoefficientOptions::adamerging(),
+    };
+    let p = &config.parameters;
+    options.steps = p.steps.unwrap_or(options.steps);
+    options.learning_rate = p.learning_rate.unwrap_or(options.learning_rate);
+    options.init = p.init.unwrap_or(options.init);
+    options.batch_size = p.batch_size.unwrap_or(options.batch_size);
+    options.examples = p.examples.unwrap_or(options.examples);
+    options.max_len = p.max_len.unwrap_or(options.max_len);
+    options.granularity = match p.granularity.as_deref() {
+        None | Some("tensor") => Granularity::Tensor,
+        Some("task") => Granularity::Task,
+        Some(other) => {
+            return Err(Error::model(
+                "config",
+                format!("`parameters.granularity`: `{other}` is neither `task` nor `tensor`"),
+            ))
+        }
+    };
+    let experts = config
+        .models
+        .iter()
+        .map(|m| {
+            let data = config.data.get(&m.model).ok_or_else(|| {
+                Error::model(
+                    "config",
+                    format!(
+                        "`{}` needs `data: {{{}: {{file: JSONL}}}}`",
+                        config.merge_method, m.model
+                    ),
+                )
+            })?;
+            Ok(Expert {
+                model: m.model.clone(),
+                data: data.file.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let learned = learn(&config.base_model, &experts, &options, progress)?;
+    let mut yaml = format!(
+        "# Learned by fusekit {} ({:?} objective, {:?} coefficients): {} steps, objective {:.6} → {:.6}.\n# Rerun this merge without training: fusekit merge THIS_FILE OUT\n",
+        config.merge_method,
+        options.objective,
+        options.granularity,
+        learned.losses.len(),
+        learned.losses.first().copied().unwrap_or(f64::NAN),
+        learned.losses.last().copied().unwrap_or(f64::NAN),
+    );
+    yaml.push_str(&task_arithmetic_config(
+        &config.base_model,
+        &experts,
+        &learned,
+    ));
+    if let Some(dtype) = &config.dtype {
+        yaml.push_str(&format!("dtype: {dtype}\n"));
+    }
+    Ok(Some((yaml, learned)))
 }

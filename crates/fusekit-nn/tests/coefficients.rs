@@ -6,7 +6,9 @@
 
 use candle_core::{Device, Tensor};
 use candle_nn::{Optimizer, SGD};
-use fusekit_nn::coefficients::{learn, task_arithmetic_config, CoefficientOptions, Expert, Granularity};
+use fusekit_nn::coefficients::{
+    learn, learned_config, task_arithmetic_config, CoefficientOptions, Expert, Granularity,
+};
 use fusekit_nn::eval::{evaluate, EvalOptions, Task};
 use fusekit_nn::models::mlp::{Mlp, MlpConfig};
 use fusekit_nn::ops::cross_entropy;
@@ -25,7 +27,11 @@ fn examples(t: usize, n: usize, seed: u64) -> (Vec<[f32; 4]>, Vec<u32>) {
         x[2 * t] = a;
         x[2 * t + 1] = b;
         xs.push(x);
-        labels.push(if t == 0 { u32::from(a > b) } else { u32::from(a + b > 0.0) });
+        labels.push(if t == 0 {
+            u32::from(a > b)
+        } else {
+            u32::from(a + b > 0.0)
+        });
     }
     (xs, labels)
 }
@@ -52,7 +58,10 @@ fn finetune(base: &Path, xs: &[[f32; 4]], labels: &[u32], out: &Path) {
         let loss = cross_entropy(&mlp.forward(&x).unwrap(), &y).unwrap();
         sgd.backward_step(&loss).unwrap();
     }
-    let tensors: Vec<(String, Tensor)> = w.tensors().map(|(n, t)| (n.to_string(), t.clone())).collect();
+    let tensors: Vec<(String, Tensor)> = w
+        .tensors()
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
     save(out, &w.config, &tensors).unwrap();
 }
 
@@ -61,16 +70,32 @@ fn accuracy(model: &Path, head: &Path, data: &Path) -> f64 {
         head: Some(head.to_str().unwrap().to_string()),
         ..Default::default()
     };
-    let task = Task::Classification { data: data.to_path_buf() };
-    evaluate(model.to_str().unwrap(), &task, &options, &|_, _| {}).unwrap().value
+    let task = Task::Classification {
+        data: data.to_path_buf(),
+    };
+    evaluate(model.to_str().unwrap(), &task, &options, &|_, _| {})
+        .unwrap()
+        .value
 }
 
 /// Merges with a task-arithmetic config and returns the mean accuracy over both tasks.
 fn merged_accuracy(d: &Path, name: &str, config: &str) -> f64 {
     std::fs::write(d.join(format!("{name}.yml")), config).unwrap();
-    fusekit::merge(&d.join(format!("{name}.yml")), &d.join(name), &Default::default(), &()).unwrap();
+    fusekit::merge(
+        &d.join(format!("{name}.yml")),
+        &d.join(name),
+        &Default::default(),
+        &(),
+    )
+    .unwrap();
     (0..2)
-        .map(|t| accuracy(&d.join(name), &d.join(format!("expert{t}")), &d.join(format!("test{t}.jsonl"))))
+        .map(|t| {
+            accuracy(
+                &d.join(name),
+                &d.join(format!("expert{t}")),
+                &d.join(format!("test{t}.jsonl")),
+            )
+        })
         .sum::<f64>()
         / 2.0
 }
@@ -79,8 +104,16 @@ fn merged_accuracy(d: &Path, name: &str, config: &str) -> f64 {
 fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let config = MlpConfig { trunk_sizes: vec![4, 16], num_labels: 2 };
-    save(&d.join("base"), &config.to_json(), &config.init(1, &Device::Cpu).unwrap()).unwrap();
+    let config = MlpConfig {
+        trunk_sizes: vec![4, 16],
+        num_labels: 2,
+    };
+    save(
+        &d.join("base"),
+        &config.to_json(),
+        &config.init(1, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
     let mut experts = Vec::new();
     for t in 0..2 {
         let (xs, labels) = examples(t, 200, 1);
@@ -88,7 +121,11 @@ fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
         let (test_x, test_y) = examples(t, 300, 2);
         write_jsonl(&d.join(format!("test{t}.jsonl")), &test_x, &test_y);
         finetune(&d.join("base"), &xs, &labels, &d.join(format!("expert{t}")));
-        let own = accuracy(&d.join(format!("expert{t}")), &d.join(format!("expert{t}")), &d.join(format!("test{t}.jsonl")));
+        let own = accuracy(
+            &d.join(format!("expert{t}")),
+            &d.join(format!("expert{t}")),
+            &d.join(format!("test{t}.jsonl")),
+        );
         assert!(own > 0.9, "expert {t} learned its task: {own}");
         experts.push(Expert {
             model: d.join(format!("expert{t}")).display().to_string(),
@@ -105,7 +142,10 @@ fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
     };
     let ta = merged_accuracy(d, "ta", &fixed(0.3));
 
-    for (name, mut options) in [("adamerging", CoefficientOptions::adamerging()), ("atlas", CoefficientOptions::atlas())] {
+    for (name, mut options) in [
+        ("adamerging", CoefficientOptions::adamerging()),
+        ("atlas", CoefficientOptions::atlas()),
+    ] {
         options.steps = 80;
         options.learning_rate = 0.05;
         options.batch_size = 32;
@@ -117,5 +157,32 @@ fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
         let acc = merged_accuracy(d, name, &task_arithmetic_config(&base, &experts, &learned));
         eprintln!("{name}: objective {first:.4} → {last:.4}, mean accuracy {acc:.3} (task arithmetic at 0.3: {ta:.3})");
         assert!(acc > ta, "{name}: {acc} vs task arithmetic {ta}");
+
+        // The same merge from YAML: `data:` names each expert's file, parameters the training.
+        let yaml = format!(
+            "merge_method: {name}\nbase_model: {base}\nmodels:\n  - model: {e0}\n  - model: {e1}\ndata:\n  {e0}: {{file: {d0}}}\n  {e1}: {{file: {d1}}}\nparameters: {{steps: 80, learning_rate: 0.05, batch_size: 32}}\n",
+            e0 = experts[0].model,
+            e1 = experts[1].model,
+            d0 = experts[0].data.display(),
+            d1 = experts[1].data.display(),
+        );
+        let (text, from_yaml) = learned_config(&yaml, &|_, _| {}).unwrap().unwrap();
+        assert_eq!(
+            from_yaml.coefficients, learned.coefficients,
+            "{name}: reproducible"
+        );
+        assert!(
+            text.starts_with("# Learned by fusekit")
+                && text.contains("merge_method: task_arithmetic")
+        );
+        assert_eq!(merged_accuracy(d, &format!("{name}-yaml"), &text), acc);
     }
+    let err = learned_config(
+        "merge_method: atlas\nbase_model: b\nmodels:\n  - model: m\ndata: {}\n",
+        &|_, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("needs `data: {m: {file: JSONL}}`"), "{err}");
 }

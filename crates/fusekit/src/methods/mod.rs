@@ -254,6 +254,10 @@ pub trait Method: Send + Sync {
     }
 }
 
+/// Methods whose coefficients the model runtime (`fusekit-nn`) learns from data; it then hands
+/// the engine an ordinary `task_arithmetic` config.
+pub const LEARNED: &[&str] = &["adamerging", "atlas"];
+
 static METHODS: &[&dyn Method] = &[
     &linear::Linear,
     &task_arithmetic::TaskArithmetic,

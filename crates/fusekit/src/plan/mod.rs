@@ -174,6 +174,17 @@ impl Models {
 pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
     let c = &loaded.config;
     let method = methods::lookup(&c.merge_method.value).ok_or_else(|| {
+        if methods::LEARNED.contains(&c.merge_method.value.as_str()) {
+            return error_at(
+                &c.merge_method,
+                "merge_method",
+                format!(
+                    "`{}` learns its coefficients from data before merging: `fusekit merge` \
+                     built with `--features nn` does that (not --dry-run)",
+                    c.merge_method.value
+                ),
+            );
+        }
         let names: Vec<&str> = methods::all().iter().map(|m| m.spec().name).collect();
         error_at(
             &c.merge_method,

@@ -1,0 +1,48 @@
+//! `merge_method: adamerging | atlas`: the coefficients are learned first (fusekit-nn), written
+//! beside OUT as a plain task-arithmetic config (`OUT.learned.yml`), and that config is merged.
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+/// The config to merge: `config` itself, or the learned config it leads to.
+pub fn prepare(config: &Path, out: &Path, quiet: bool) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(config)?;
+    let bar = ProgressBar::new(0);
+    if quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} learning coefficients [{elapsed_precise}] {wide_bar} step {pos}/{len}",
+        )
+        .expect("valid template"),
+    );
+    let learned = fusekit_nn::coefficients::learned_config(&text, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    let Some((yaml, learned)) = learned else {
+        return Ok(config.to_path_buf());
+    };
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".learned.yml");
+    let path = out.with_file_name(name);
+    std::fs::write(&path, &yaml)?;
+    if !quiet {
+        for (i, lambdas) in learned.coefficients.iter().enumerate() {
+            let values: Vec<f64> = lambdas.values().copied().collect();
+            let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
+            let (lo, hi) = values
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            eprintln!(
+                "model {i}: {} coefficients, mean {mean:.4}, range [{lo:.4}, {hi:.4}]",
+                values.len()
+            );
+        }
+        eprintln!("learned config: {}", path.display());
+    }
+    Ok(path)
+}
