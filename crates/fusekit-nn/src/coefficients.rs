@@ -7,7 +7,14 @@
 //!   tasks. Layer-wise AdaMerging learns one λ per task and tensor, task-wise one per task.
 //!   Defaults as the reference: λ initialised to 0.3, Adam with learning rate 10⁻³.
 //! - **aTLAS** (Zhang et al., NeurIPS 2024, arXiv:2407.03093; `methods.md` §6): one λ per task
-//!   and tensor, trained on the cross-entropy of a few *labelled* examples.
+//!   and tensor, initialised to 0 (the pre-trained model), trained with AdamW (weight decay 0.1)
+//!   on the cross-entropy of a few *labelled* examples.
+//! - **Expert Merging** (Zhang et al., ICLR 2026; `methods.md` §5): coefficients c = sigmoid(a)
+//!   per task and 2-D weight matrix (embeddings, norms, biases and heads keep the base), a
+//!   initialised so that c = 0.1, trained to match each expert's predictions on its own unlabeled
+//!   inputs (T²·CE(softmax(z_k/T), log_softmax(z/T))) plus λ_reg·Σ|c − init| / (coefficients per
+//!   task); AdamW, lr 0.5, weight decay 10⁻⁵. (One chunk per tensor: Expert Merging++'s chunked
+//!   coefficients are not built yet.)
 //!
 //! Task heads (`classifier.*`, `head.*`) are never merged: each task keeps its expert's. What
 //! was learned is written out as a plain `task_arithmetic` config (one `filter` per tensor), so
@@ -22,13 +29,16 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Objective {
     /// Entropy of the predictions, no labels (AdaMerging).
     Entropy,
     /// Cross-entropy against the labels (aTLAS).
     CrossEntropy,
+    /// Cross-entropy against each expert's own softened predictions at this temperature
+    /// (Expert Merging).
+    Distill { temperature: f64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -44,10 +54,19 @@ pub enum Granularity {
 pub struct CoefficientOptions {
     pub objective: Objective,
     pub granularity: Granularity,
-    /// λ at the start.
+    /// The coefficient at the start.
     pub init: f64,
+    /// Coefficients are `sigmoid(a)` of the trained `a`, kept in (0, 1) (Expert Merging), instead
+    /// of the trained value itself.
+    pub sigmoid: bool,
+    /// Merge only 2-D weight matrices (not embeddings); everything else keeps the base.
+    pub matrices_only: bool,
+    /// Weight of the L1 pull of the coefficients towards `init`, per task.
+    pub regularizer: f64,
     pub steps: usize,
     pub learning_rate: f64,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
     /// Examples per task per step.
     pub batch_size: usize,
     /// Examples read per task (the first N of its file).
@@ -56,27 +75,79 @@ pub struct CoefficientOptions {
 }
 
 impl CoefficientOptions {
-    /// AdaMerging's defaults (layer-wise, entropy).
+    /// AdaMerging's defaults (layer-wise, entropy, Adam at 10⁻³, λ from 0.3).
     pub fn adamerging() -> Self {
         CoefficientOptions {
             objective: Objective::Entropy,
             granularity: Granularity::Tensor,
             init: 0.3,
+            sigmoid: false,
+            matrices_only: false,
+            regularizer: 0.0,
             steps: 100,
             learning_rate: 1e-3,
+            weight_decay: 0.0,
             batch_size: 16,
             examples: 256,
             max_len: 128,
         }
     }
 
-    /// aTLAS's (per tensor, cross-entropy on a few labels).
+    /// aTLAS's (per tensor, cross-entropy on a few labels, λ from 0, AdamW decay 0.1).
     pub fn atlas() -> Self {
         CoefficientOptions {
             objective: Objective::CrossEntropy,
+            init: 0.0,
+            weight_decay: 0.1,
             examples: 64,
             ..Self::adamerging()
         }
+    }
+
+    /// Expert Merging's (sigmoid coefficients of the weight matrices from 0.1, distillation at
+    /// T = 1, λ_reg = 5, AdamW at 0.5 with decay 10⁻⁵, 5 prompts per task).
+    pub fn expert_merging() -> Self {
+        CoefficientOptions {
+            objective: Objective::Distill { temperature: 1.0 },
+            init: 0.1,
+            sigmoid: true,
+            matrices_only: true,
+            regularizer: 5.0,
+            learning_rate: 0.5,
+            weight_decay: 1e-5,
+            examples: 5,
+            batch_size: 1,
+            ..Self::adamerging()
+        }
+    }
+
+    /// The defaults of method `name`.
+    pub fn for_method(name: &str) -> Option<Self> {
+        match name {
+            "adamerging" => Some(Self::adamerging()),
+            "atlas" => Some(Self::atlas()),
+            "expert_merging" => Some(Self::expert_merging()),
+            _ => None,
+        }
+    }
+
+    /// The trained value that gives coefficient `c`.
+    fn raw(&self, c: f64) -> f64 {
+        if self.sigmoid {
+            let c = c.clamp(1e-6, 1.0 - 1e-6);
+            (c / (1.0 - c)).ln()
+        } else {
+            c
+        }
+    }
+
+    /// The coefficient of trained value `a`.
+    fn coefficient(&self, a: &Tensor) -> Result<Tensor> {
+        Ok(if self.sigmoid {
+            crate::ops::sigmoid(a)?
+        } else {
+            a.clone()
+        })
     }
 }
 
@@ -118,87 +189,102 @@ pub fn learn(
         }
         tasks.push((w, examples));
     }
-    // Task vectors of every merged (non-head) tensor.
-    let names: Vec<String> = base_w
-        .tensors()
-        .map(|(n, _)| n.to_string())
-        .filter(|n| !is_head(n))
-        .collect();
-    let mut vectors: Vec<BTreeMap<&str, Tensor>> = Vec::new();
-    for (w, _) in &tasks {
-        let mut tv = BTreeMap::new();
-        for name in &names {
-            let theta0 = tensor_of(&base_w, name)?;
-            let theta = w.get(name, theta0.dims())?;
-            tv.insert(name.as_str(), (theta - &theta0)?);
-        }
-        vectors.push(tv);
+    let names = merged_tensors(&base_w, options.matrices_only);
+    if names.is_empty() {
+        return Err(Error::model(base, "has no tensor to merge"));
     }
+    let vectors = task_vectors(&base_w, &tasks, &names)?;
+    // One trained value per (expert, group); a tensor-wise learner on task granularity with
+    // some tensors left out still lists its tensors one by one.
     let group = |name: &str| match options.granularity {
         Granularity::Task => TASK_GROUP.to_string(),
         Granularity::Tensor => name.to_string(),
     };
-    let mut lambdas: Vec<BTreeMap<String, Var>> = Vec::new();
+    let mut raw: Vec<BTreeMap<String, Var>> = Vec::new();
     for _ in experts {
         let mut map = BTreeMap::new();
         for name in &names {
-            map.entry(group(name))
-                .or_insert(Var::new(options.init as f32, &device)?);
+            if let std::collections::btree_map::Entry::Vacant(slot) = map.entry(group(name)) {
+                slot.insert(Var::new(options.raw(options.init) as f32, &device)?);
+            }
         }
-        lambdas.push(map);
+        raw.push(map);
     }
-    let all_vars: Vec<Var> = lambdas.iter().flat_map(|m| m.values().cloned()).collect();
+    let all_vars: Vec<Var> = raw.iter().flat_map(|m| m.values().cloned()).collect();
+    let per_task = (all_vars.len() / experts.len().max(1)).max(1) as f64;
     let mut optimizer = AdamW::new(
         all_vars,
         ParamsAdamW {
             lr: options.learning_rate,
-            weight_decay: 0.0,
+            weight_decay: options.weight_decay,
             ..Default::default()
         },
     )?;
     let mut losses = Vec::with_capacity(options.steps);
     for step in 0..options.steps {
+        let coefficients: Vec<BTreeMap<&str, Tensor>> = raw
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .map(|(g, v)| Ok((g.as_str(), options.coefficient(v.as_tensor())?)))
+                    .collect::<Result<_>>()
+            })
+            .collect::<Result<_>>()?;
         let mut merged = BTreeMap::new();
-        for name in &names {
-            let mut theta = tensor_of(&base_w, name)?;
-            for (tv, lambda) in vectors.iter().zip(&lambdas) {
-                let l = lambda[&group(name)].as_tensor();
-                theta = (theta + tv[name.as_str()].broadcast_mul(l)?)?;
+        for (name, t) in base_w.tensors().filter(|(n, _)| !is_head(n)) {
+            let mut theta = t.clone();
+            if names.iter().any(|n| n == name) {
+                for (tv, c) in vectors.iter().zip(&coefficients) {
+                    theta = (theta + tv[name].broadcast_mul(&c[group(name).as_str()])?)?;
+                }
             }
-            merged.insert(name.clone(), theta);
+            merged.insert(name.to_string(), theta);
         }
-        let mut total: Option<Tensor> = None;
+        let mut total = Tensor::new(0f32, &device)?;
         for (w, examples) in &tasks {
+            let batch = batch_at(examples, step, options.batch_size);
             let mut values = merged.clone();
             for (name, t) in w.tensors().filter(|(n, _)| is_head(n)) {
                 values.insert(name.to_string(), t.clone());
             }
             let model = Weights::from_tensors(&w.reference, w.config.clone(), values);
-            let classifier = Classifier::new(&model, options.max_len)?;
-            let batch = batch_at(examples, step, options.batch_size);
-            let logits = classifier.logits(&batch)?;
+            let logits = Classifier::new(&model, options.max_len)?.logits(&batch)?;
             let loss = match options.objective {
                 Objective::Entropy => entropy(&logits)?,
                 Objective::CrossEntropy => {
                     let labels: Vec<u32> = batch.iter().map(Example::label).collect();
                     cross_entropy(&logits, &Tensor::new(labels, &device)?)?
                 }
+                Objective::Distill { temperature } => {
+                    let teacher = Classifier::new(w, options.max_len)?.logits(&batch)?;
+                    distillation(&logits, &teacher, temperature)?
+                }
             };
-            total = Some(match total {
-                None => loss,
-                Some(t) => (t + loss)?,
-            });
+            total = (total + loss)?;
         }
-        let total = total.expect("at least one expert");
+        if options.regularizer > 0.0 {
+            let mut pull = Tensor::new(0f32, &device)?;
+            for c in coefficients.iter().flat_map(|m| m.values()) {
+                pull = (pull + (c - options.init)?.abs()?)?;
+            }
+            total = (total + (pull * (options.regularizer / per_task))?)?;
+        }
         losses.push(total.to_scalar::<f32>()? as f64);
         optimizer.backward_step(&total)?;
         progress(step as u64 + 1, options.steps as u64);
     }
-    let coefficients = lambdas
+    let coefficients = raw
         .iter()
         .map(|m| {
-            m.iter()
-                .map(|(g, v)| Ok((g.clone(), v.as_tensor().to_scalar::<f32>()? as f64)))
+            let value = |g: &str| -> Result<f64> {
+                Ok(options.coefficient(m[g].as_tensor())?.to_scalar::<f32>()? as f64)
+            };
+            if options.granularity == Granularity::Task && !options.matrices_only {
+                return Ok([(TASK_GROUP.to_string(), value(TASK_GROUP)?)].into());
+            }
+            names
+                .iter()
+                .map(|n| Ok((n.clone(), value(&group(n))?)))
                 .collect::<Result<BTreeMap<_, _>>>()
         })
         .collect::<Result<Vec<_>>>()?;
@@ -206,6 +292,44 @@ pub fn learn(
         coefficients,
         losses,
     })
+}
+
+/// The tensors a learned merge changes: everything but the heads, or only the 2-D weight
+/// matrices that are not embeddings.
+fn merged_tensors(base: &Weights, matrices_only: bool) -> Vec<String> {
+    base.tensors()
+        .filter(|(n, t)| !is_head(n) && (!matrices_only || (t.rank() == 2 && !n.contains("embed"))))
+        .map(|(n, _)| n.to_string())
+        .collect()
+}
+
+/// τ = expert − base of every merged tensor, per expert.
+fn task_vectors<'a>(
+    base: &Weights,
+    tasks: &[(Weights, Vec<Example>)],
+    names: &'a [String],
+) -> Result<Vec<BTreeMap<&'a str, Tensor>>> {
+    tasks
+        .iter()
+        .map(|(w, _)| {
+            names
+                .iter()
+                .map(|name| {
+                    let theta0 = tensor_of(base, name)?;
+                    let theta = w.get(name, theta0.dims())?;
+                    Ok((name.as_str(), (theta - &theta0)?))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// T² · mean over rows of CE(softmax(teacher/T), log_softmax(student/T)).
+fn distillation(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    let target = softmax_last_dim(&(teacher / temperature)?)?.detach();
+    let log_q = log_softmax_last_dim(&(student / temperature)?)?;
+    let ce = (target * log_q)?.sum(D::Minus1)?.neg()?.mean_all()?;
+    Ok((ce * (temperature * temperature))?)
 }
 
 fn tensor_of(w: &Weights, name: &str) -> Result<Tensor> {
@@ -291,6 +415,10 @@ struct LearnParameters {
     batch_size: Option<usize>,
     examples: Option<usize>,
     max_len: Option<usize>,
+    weight_decay: Option<f64>,
+    regularizer: Option<f64>,
+    /// Expert Merging's distillation temperature.
+    temperature: Option<f64>,
 }
 
 /// For an `adamerging` or `atlas` config: learns the coefficients and returns the
@@ -312,10 +440,8 @@ pub fn learned_config(
     }
     let config: LearnedMergeConfig =
         serde_saphyr::from_str(text).map_err(|e| Error::model("config", e.to_string()))?;
-    let mut options = match config.merge_method.as_str() {
-        "atlas" => CoefficientOptions::atlas(),
-        _ => CoefficientOptions::adamerging(),
-    };
+    let mut options =
+        CoefficientOptions::for_method(&config.merge_method).expect("checked: a learned method");
     let p = &config.parameters;
     options.steps = p.steps.unwrap_or(options.steps);
     options.learning_rate = p.learning_rate.unwrap_or(options.learning_rate);
@@ -323,6 +449,11 @@ pub fn learned_config(
     options.batch_size = p.batch_size.unwrap_or(options.batch_size);
     options.examples = p.examples.unwrap_or(options.examples);
     options.max_len = p.max_len.unwrap_or(options.max_len);
+    options.weight_decay = p.weight_decay.unwrap_or(options.weight_decay);
+    options.regularizer = p.regularizer.unwrap_or(options.regularizer);
+    if let (Objective::Distill { temperature }, Some(t)) = (&mut options.objective, p.temperature) {
+        *temperature = t;
+    }
     options.granularity = match p.granularity.as_deref() {
         None | Some("tensor") => Granularity::Tensor,
         Some("task") => Granularity::Task,

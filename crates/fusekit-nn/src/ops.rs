@@ -48,6 +48,11 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&log_sum)?)
 }
 
+/// `1 / (1 + e^(−x))`.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}
+
 /// Mean cross-entropy of `logits [n, classes]` against `labels [n]` (u32).
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let logp = log_softmax_last_dim(logits)?;

@@ -1,12 +1,13 @@
-//! Replays the fuzzers' stored corpus and every crash they ever found (`fuzz/corpus`,
-//! `fuzz/regressions`) through the same checks as the fuzz targets, on every test run.
+//! Replays the fuzzers' kept corpus (`fuzz/seeds`: the seeds and the minimized corpus of the
+//! long runs) and every crash they ever found (`fuzz/regressions`) through the same checks as
+//! the fuzz targets, on every test run.
 
 use std::path::PathBuf;
 
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let fuzz = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
     let mut found = Vec::new();
-    for kind in ["corpus", "regressions"] {
+    for kind in ["seeds", "regressions"] {
         let Ok(entries) = std::fs::read_dir(fuzz.join(kind).join(target)) else {
             continue;
         };

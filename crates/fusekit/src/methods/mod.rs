@@ -256,7 +256,7 @@ pub trait Method: Send + Sync {
 
 /// Methods whose coefficients the model runtime (`fusekit-nn`) learns from data; it then hands
 /// the engine an ordinary `task_arithmetic` config.
-pub const LEARNED: &[&str] = &["adamerging", "atlas"];
+pub const LEARNED: &[&str] = &["adamerging", "atlas", "expert_merging"];
 
 static METHODS: &[&dyn Method] = &[
     &linear::Linear,
