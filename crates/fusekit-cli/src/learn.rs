@@ -1,5 +1,8 @@
-//! `merge_method: adamerging | atlas`: the coefficients are learned first (fusekit-nn), written
-//! beside OUT as a plain task-arithmetic config (`OUT.learned.yml`), and that config is merged.
+//! What data-aware configs need before the engine merges: for `adamerging | atlas |
+//! expert_merging` the coefficients are learned (fusekit-nn) and written beside OUT as a plain
+//! task-arithmetic config (`OUT.learned.yml`); for `fisher` with task `file`s instead of Fisher
+//! statistics, the Fisher of each model is computed into `OUT.fisher/N` and the config that
+//! reads them is written as `OUT.fisher.yml`. That config is then merged.
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,11 +27,9 @@ pub fn prepare(config: &Path, out: &Path, quiet: bool) -> Result<PathBuf> {
     })?;
     bar.finish_and_clear();
     let Some((yaml, learned)) = learned else {
-        return Ok(config.to_path_buf());
+        return fisher(config, &text, out, quiet);
     };
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(".learned.yml");
-    let path = out.with_file_name(name);
+    let path = beside(out, ".learned.yml");
     std::fs::write(&path, &yaml)?;
     if !quiet {
         for (i, lambdas) in learned.coefficients.iter().enumerate() {
@@ -43,6 +44,40 @@ pub fn prepare(config: &Path, out: &Path, quiet: bool) -> Result<PathBuf> {
             );
         }
         eprintln!("learned config: {}", path.display());
+    }
+    Ok(path)
+}
+
+/// `OUT` with `suffix` added to its name.
+fn beside(out: &Path, suffix: &str) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    out.with_file_name(name)
+}
+
+/// Computes the Fisher statistics a `fisher` config names only by task file.
+fn fisher(config: &Path, text: &str, out: &Path, quiet: bool) -> Result<PathBuf> {
+    let bar = ProgressBar::new(0);
+    if quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let dir = beside(out, ".fisher");
+    let rewritten = fusekit_nn::fisher::fisher_config(text, &dir, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    let Some(yaml) = rewritten else {
+        return Ok(config.to_path_buf());
+    };
+    let path = beside(out, ".fisher.yml");
+    std::fs::write(&path, yaml)?;
+    if !quiet {
+        eprintln!(
+            "Fisher statistics in {}, config {}",
+            dir.display(),
+            path.display()
+        );
     }
     Ok(path)
 }

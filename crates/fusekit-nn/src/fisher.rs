@@ -163,3 +163,55 @@ pub fn write_fisher(
     save_with(out, &config, &fisher, &[("fisher.json", about)])?;
     Ok(())
 }
+
+/// For a `merge_method: fisher` config whose `data:` gives a model's task `file` instead of its
+/// `fisher` statistics: computes them into `dir/N` and returns the config with `fisher: dir/N`
+/// in place of each `file` (options `kind` and `examples` read from the same entry). `None` when
+/// there is nothing to compute.
+pub fn fisher_config(
+    text: &str,
+    dir: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Option<String>> {
+    let bad = |m: String| Error::model("config", m);
+    let mut config: serde_json::Value =
+        serde_saphyr::from_str(text).map_err(|e| bad(e.to_string()))?;
+    if config.get("merge_method").and_then(|m| m.as_str()) != Some("fisher") {
+        return Ok(None);
+    }
+    let Some(data) = config.get_mut("data").and_then(|d| d.as_object_mut()) else {
+        return Ok(None);
+    };
+    let mut computed = false;
+    for (i, (model, entry)) in data.iter_mut().enumerate() {
+        let Some(entry) = entry.as_object_mut() else {
+            continue;
+        };
+        if entry.contains_key("fisher") {
+            continue;
+        }
+        let Some(file) = entry.get("file").and_then(|f| f.as_str()) else {
+            continue;
+        };
+        let mut options = FisherOptions::default();
+        if let Some(kind) = entry.get("kind").and_then(|k| k.as_str()) {
+            options.kind = kind
+                .parse()
+                .map_err(|e| bad(format!("`data.{model}.kind`: {e}")))?;
+        }
+        if let Some(n) = entry.get("examples").and_then(|n| n.as_u64()) {
+            options.examples = n as usize;
+        }
+        let out = dir.join(i.to_string());
+        write_fisher(model, Path::new(file), &out, &options, progress)?;
+        entry.clear();
+        entry.insert("fisher".into(), out.display().to_string().into());
+        computed = true;
+    }
+    if !computed {
+        return Ok(None);
+    }
+    serde_saphyr::to_string(&config)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
+}

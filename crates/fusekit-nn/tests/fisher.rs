@@ -211,3 +211,69 @@ fn the_fisher_checkpoint_feeds_a_fisher_merge() {
         }
     }
 }
+
+#[test]
+fn a_fisher_config_with_task_files_gets_its_statistics_computed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let m = d.join("mlp").display().to_string();
+    let data = d.join("data.jsonl").display().to_string();
+    let text = format!("merge_method: fisher\nmodels:\n  - model: {m}\ndata:\n  {m}: {{file: {data}, kind: empirical, examples: 6}}\n");
+    let rewritten = fusekit_nn::fisher::fisher_config(&text, &d.join("stats"), &|_, _| {})
+        .unwrap()
+        .unwrap();
+    assert!(
+        rewritten.contains("fisher:") && !rewritten.contains("file:"),
+        "{rewritten}"
+    );
+    let options = FisherOptions {
+        kind: FisherKind::Empirical,
+        examples: 6,
+        ..Default::default()
+    };
+    let direct = diagonal_fisher(&m, &d.join("data.jsonl"), &options, &|_, _| {}).unwrap();
+    let stored = fusekit_nn::weights::Weights::load(
+        d.join("stats/0").to_str().unwrap(),
+        &Device::Cpu,
+        false,
+    )
+    .unwrap();
+    for (name, t) in &direct {
+        assert_eq!(
+            values(t),
+            values(&stored.get(name, t.dims()).unwrap()),
+            "{name}"
+        );
+    }
+    std::fs::write(d.join("c.yml"), &rewritten).unwrap();
+    fusekit::merge(
+        &d.join("c.yml"),
+        &d.join("merged"),
+        &Default::default(),
+        &(),
+    )
+    .unwrap();
+    // Configs that have their statistics, or are no Fisher merge, are left alone.
+    assert!(
+        fusekit_nn::fisher::fisher_config(&rewritten, &d.join("x"), &|_, _| {})
+            .unwrap()
+            .is_none()
+    );
+    assert!(fusekit_nn::fisher::fisher_config(
+        "merge_method: linear\nmodels: []\n",
+        &d.join("x"),
+        &|_, _| {}
+    )
+    .unwrap()
+    .is_none());
+    // The engine alone explains where the statistics come from.
+    std::fs::write(d.join("raw.yml"), &text).unwrap();
+    let err = fusekit::merge(&d.join("raw.yml"), &d.join("raw"), &Default::default(), &())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--features nn") && err.contains("`file`"),
+        "{err}"
+    );
+}

@@ -50,6 +50,16 @@ pub struct DataEntry {
     /// tensor names and shapes as the model.
     #[serde(default)]
     pub fisher: Option<Spanned<String>>,
+    /// The model's task data (JSONL), from which `fusekit merge` built with the model runtime
+    /// (`--features nn`) computes what the method needs (the Fisher; learned coefficients).
+    #[serde(default)]
+    pub file: Option<Spanned<String>>,
+    /// How the Fisher is estimated from `file`: `exact`, `sampled` or `empirical`.
+    #[serde(default)]
+    pub kind: Option<Spanned<String>>,
+    /// How many examples of `file` are used.
+    #[serde(default)]
+    pub examples: Option<Spanned<u64>>,
 }
 
 /// One part of a multi-module model (`modules: {NAME: …}`), merged with its own inputs.

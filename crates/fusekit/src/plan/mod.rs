@@ -338,8 +338,13 @@ fn open_companions(
             methods::Companion::Fisher => e.fisher.as_ref(),
         });
         let path = path.ok_or_else(|| {
+            let from_file = if entry.is_some_and(|e| e.file.is_some()) {
+                ", or have `fusekit merge` built with `--features nn` compute it from `file`"
+            } else {
+                ""
+            };
             Error::config(format!(
-                "`{}` needs `data: {{{reference}: {{{}: DIR}}}}` (make DIR with `fusekit {}`)",
+                "`{}` needs `data: {{{reference}: {{{}: DIR}}}}` (make DIR with `fusekit {}`{from_file})",
                 method.spec().name,
                 kind.key(),
                 kind.key()
