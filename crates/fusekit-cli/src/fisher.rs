@@ -39,6 +39,13 @@ pub fn run(args: FisherArgs) -> Result<()> {
         seed: args.seed,
         max_len: args.max_len,
     };
+    let parameters = fusekit_nn::memory::parameters(&args.model)?;
+    if !args.quiet {
+        eprintln!(
+            "{parameters} parameters: about {} of memory",
+            fusekit_nn::memory::gib(parameters * 4 * 3)
+        );
+    }
     let bar = ProgressBar::new(0);
     if args.quiet {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());

@@ -69,6 +69,8 @@ pub fn diagonal_fisher(
     options: &FisherOptions,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Vec<(String, Tensor)>> {
+    // Weights, their gradients and the running sums.
+    crate::memory::check(model, crate::memory::parameters(model)?, 3)?;
     let w = Weights::load(model, &Device::Cpu, true)?;
     let classifier = Classifier::new(&w, options.max_len)?;
     let examples = read_examples(data, Some(options.examples))?;

@@ -10,6 +10,7 @@
 pub mod coefficients;
 pub mod eval;
 pub mod fisher;
+pub mod memory;
 pub mod models;
 pub mod ops;
 pub mod text;
