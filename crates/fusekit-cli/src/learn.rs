@@ -8,9 +8,51 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
-/// The config to merge: `config` itself, or the learned config it leads to.
-pub fn prepare(config: &Path, out: &Path, quiet: bool) -> Result<PathBuf> {
+/// What is left to do after the data-aware step.
+pub enum Prepared {
+    /// Merge this config.
+    Merge(PathBuf),
+    /// The method wrote OUT itself (RegMean).
+    Written,
+}
+
+/// Runs the data-aware step a config needs, if any.
+pub fn prepare(config: &Path, out: &Path, quiet: bool, force: bool) -> Result<Prepared> {
     let text = std::fs::read_to_string(config)?;
+    if let Some((models, options)) = fusekit_nn::regmean::regmean_config(&text)? {
+        if out.exists() && !force {
+            anyhow::bail!(
+                "output {}: already exists (use --force to replace it)",
+                out.display()
+            );
+        }
+        let bar = progress_bar(quiet, "collecting Grams");
+        fusekit_nn::regmean::regmean(&models, out, &options, &|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        })?;
+        bar.finish_and_clear();
+        return Ok(Prepared::Written);
+    }
+    Ok(Prepared::Merge(learn(config, &text, out, quiet)?))
+}
+
+fn progress_bar(quiet: bool, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    if quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}}"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}
+
+/// The config to merge: `config` itself, or the learned config it leads to.
+fn learn(config: &Path, text: &str, out: &Path, quiet: bool) -> Result<PathBuf> {
     let bar = ProgressBar::new(0);
     if quiet {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -27,7 +69,7 @@ pub fn prepare(config: &Path, out: &Path, quiet: bool) -> Result<PathBuf> {
     })?;
     bar.finish_and_clear();
     let Some((yaml, learned)) = learned else {
-        return fisher(config, &text, out, quiet);
+        return fisher(config, text, out, quiet);
     };
     let path = beside(out, ".learned.yml");
     std::fs::write(&path, &yaml)?;
@@ -57,10 +99,7 @@ fn beside(out: &Path, suffix: &str) -> PathBuf {
 
 /// Computes the Fisher statistics a `fisher` config names only by task file.
 fn fisher(config: &Path, text: &str, out: &Path, quiet: bool) -> Result<PathBuf> {
-    let bar = ProgressBar::new(0);
-    if quiet {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = progress_bar(quiet, "Fisher");
     let dir = beside(out, ".fisher");
     let rewritten = fusekit_nn::fisher::fisher_config(text, &dir, &|done, total| {
         bar.set_length(total);

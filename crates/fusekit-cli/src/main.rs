@@ -306,7 +306,15 @@ fn run(cli: Cli) -> Result<()> {
                 return print_plans(&config, &out, &options);
             }
             #[cfg(feature = "nn")]
-            let config = learn::prepare(&config, &out, quiet)?;
+            let config = match learn::prepare(&config, &out, quiet, force)? {
+                learn::Prepared::Merge(config) => config,
+                learn::Prepared::Written => {
+                    if !quiet {
+                        eprintln!("wrote {}", out.display());
+                    }
+                    return Ok(());
+                }
+            };
             let bar = ProgressBar::new(0);
             if quiet {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());

@@ -144,3 +144,76 @@ fn eval_prints_a_table_and_writes_json() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("--text"));
 }
+
+/// Two small MLP classifiers and a JSONL file of inputs for each, in `d`.
+#[cfg(feature = "nn")]
+fn mlp_experts(d: &Path) {
+    use fusekit_nn::models::mlp::MlpConfig;
+    let config = MlpConfig {
+        trunk_sizes: vec![3, 4],
+        num_labels: 2,
+    };
+    let device = fusekit_nn::Device::Cpu;
+    for (i, name) in ["base", "a", "b"].iter().enumerate() {
+        let tensors = config.init(i as u64, &device).unwrap();
+        fusekit_nn::weights::save(&d.join(name), &config.to_json(), &tensors).unwrap();
+        let lines: String = (0..12)
+            .map(|k| {
+                format!(
+                    "{{\"input\": [{}, {}, 0.5], \"label\": {}}}\n",
+                    k as f32 / 6.0 - 1.0,
+                    i as f32 - 1.0,
+                    k % 2
+                )
+            })
+            .collect();
+        std::fs::write(d.join(format!("{name}.jsonl")), lines).unwrap();
+    }
+}
+
+#[cfg(feature = "nn")]
+#[test]
+fn data_aware_merges_run_from_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mlp_experts(d);
+    let data = "data:\n  a: {file: a.jsonl}\n  b: {file: b.jsonl}\n";
+    std::fs::write(d.join("regmean.yml"), format!("merge_method: regmean\nmodels:\n  - model: a\n  - model: b\n{data}parameters: {{alpha: 0.9}}\n")).unwrap();
+    let run = fusekit(&["merge", "--quiet", "regmean.yml", "rm"], d);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(d.join("rm/model.safetensors").is_file() && d.join("rm/regmean.json").is_file());
+    let again = fusekit(&["merge", "--quiet", "regmean.yml", "rm"], d);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    std::fs::write(d.join("ada.yml"), format!("merge_method: adamerging\nbase_model: base\nmodels:\n  - model: a\n  - model: b\n{data}parameters: {{steps: 3}}\n")).unwrap();
+    let run = fusekit(&["merge", "--quiet", "ada.yml", "ada"], d);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let learned = std::fs::read_to_string(d.join("ada.learned.yml")).unwrap();
+    assert!(
+        learned.contains("merge_method: task_arithmetic")
+            && learned.contains("filter: \"trunk.0.weight\""),
+        "{learned}"
+    );
+    assert!(d.join("ada/model.safetensors").is_file());
+
+    std::fs::write(
+        d.join("fisher.yml"),
+        format!("merge_method: fisher\nmodels:\n  - model: a\n  - model: b\n{data}"),
+    )
+    .unwrap();
+    let run = fusekit(&["merge", "--quiet", "fisher.yml", "fm"], d);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(d.join("fm.fisher/0/fisher.json").is_file() && d.join("fm.fisher.yml").is_file());
+}

@@ -305,6 +305,7 @@ impl<'a> Classifier<'a> {
                 let h = bert.config.hidden;
                 let labels = w.head_labels("classifier.weight")?;
                 let weight = w.get("classifier.weight", &[labels, h])?;
+                w.observe_input("classifier.weight", &pooled)?;
                 let bias = w.get("classifier.bias", &[labels])?;
                 linear(&pooled, &weight, Some(&bias))
             }

@@ -13,6 +13,7 @@ pub mod fisher;
 pub mod memory;
 pub mod models;
 pub mod ops;
+pub mod regmean;
 pub mod text;
 pub mod weights;
 

@@ -4,6 +4,7 @@
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use fusekit::checkpoint::Checkpoint;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 /// Named parameters, computed in f32 whatever the stored dtype. Trainable weights are candle
@@ -16,6 +17,17 @@ pub struct Weights {
     values: BTreeMap<String, Tensor>,
     /// The variables behind `values`, when trainable.
     vars: BTreeMap<String, Var>,
+    /// Gram matrices of the inputs of every linear layer, when collecting them (RegMean).
+    capture: Option<RefCell<BTreeMap<String, Gram>>>,
+}
+
+/// Σ xxᵀ over the input rows x of one linear layer, in f64.
+#[derive(Debug, Clone)]
+pub struct Gram {
+    pub dim: usize,
+    pub rows: u64,
+    /// Row-major `dim × dim`.
+    pub sum: Vec<f64>,
 }
 
 impl Weights {
@@ -47,6 +59,7 @@ impl Weights {
             config: checkpoint.config.clone(),
             values,
             vars,
+            capture: None,
         })
     }
 
@@ -61,7 +74,44 @@ impl Weights {
             config,
             values,
             vars: BTreeMap::new(),
+            capture: None,
         }
+    }
+
+    /// From now on, the models add the inputs of every linear layer to its Gram matrix.
+    pub fn capture_inputs(&mut self) {
+        self.capture = Some(RefCell::default());
+    }
+
+    /// The Gram matrices collected so far, by weight name.
+    pub fn grams(&self) -> BTreeMap<String, Gram> {
+        self.capture
+            .as_ref()
+            .map(|c| c.borrow().clone())
+            .unwrap_or_default()
+    }
+
+    /// Called by the models with the input `x [.., in]` of the linear layer whose weight is
+    /// `weight`.
+    pub fn observe_input(&self, weight: &str, x: &Tensor) -> Result<()> {
+        let Some(capture) = &self.capture else {
+            return Ok(());
+        };
+        let dim = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / dim.max(1);
+        let x = x.detach().reshape((rows, dim))?;
+        let product = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut grams = capture.borrow_mut();
+        let gram = grams.entry(weight.to_string()).or_insert_with(|| Gram {
+            dim,
+            rows: 0,
+            sum: vec![0.0; dim * dim],
+        });
+        gram.rows += rows as u64;
+        for (s, p) in gram.sum.iter_mut().zip(product) {
+            *s += p as f64;
+        }
+        Ok(())
     }
 
     /// The tensor `name`, with the shape the model expects.

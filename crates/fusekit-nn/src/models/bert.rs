@@ -84,6 +84,8 @@ impl<'a> Bert<'a> {
 
     fn dense(&self, x: &Tensor, name: &str, out: usize, inp: usize) -> Result<Tensor> {
         let w = self.get(&format!("{name}.weight"), &[out, inp])?;
+        self.w
+            .observe_input(&format!("{}{name}.weight", self.prefix), x)?;
         let b = self.get(&format!("{name}.bias"), &[out])?;
         linear(x, &w, Some(&b))
     }

@@ -77,6 +77,7 @@ impl<'a> Llama<'a> {
 
     fn proj(&self, x: &Tensor, name: &str, out: usize, inp: usize) -> Result<Tensor> {
         let w = self.w.get(&format!("{name}.weight"), &[out, inp])?;
+        self.w.observe_input(&format!("{name}.weight"), x)?;
         let bias = format!("{name}.bias");
         let b = if self.w.contains(&bias) {
             Some(self.w.get(&bias, &[out])?)

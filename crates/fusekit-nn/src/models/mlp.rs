@@ -116,6 +116,7 @@ impl<'a> Mlp<'a> {
                 .w
                 .get(&format!("trunk.{i}.weight"), &[pair[1], pair[0]])?;
             let b = self.w.get(&format!("trunk.{i}.bias"), &[pair[1]])?;
+            self.w.observe_input(&format!("trunk.{i}.weight"), &x)?;
             x = linear(&x, &w, Some(&b))?.relu()?;
         }
         Ok(x)
@@ -126,6 +127,8 @@ impl<'a> Mlp<'a> {
         let last = *self.config.trunk_sizes.last().expect("checked length");
         let w = self.w.get("head.weight", &[self.config.num_labels, last])?;
         let b = self.w.get("head.bias", &[self.config.num_labels])?;
-        linear(&self.features(x)?, &w, Some(&b))
+        let features = self.features(x)?;
+        self.w.observe_input("head.weight", &features)?;
+        linear(&features, &w, Some(&b))
     }
 }

@@ -254,9 +254,9 @@ pub trait Method: Send + Sync {
     }
 }
 
-/// Methods whose coefficients the model runtime (`fusekit-nn`) learns from data; it then hands
-/// the engine an ordinary `task_arithmetic` config.
-pub const LEARNED: &[&str] = &["adamerging", "atlas", "expert_merging"];
+/// Methods that run the models over data first (`fusekit-nn`): the coefficient learners hand
+/// the engine an ordinary `task_arithmetic` config; `regmean` solves its layers there.
+pub const LEARNED: &[&str] = &["adamerging", "atlas", "expert_merging", "regmean"];
 
 static METHODS: &[&dyn Method] = &[
     &linear::Linear,

@@ -179,8 +179,8 @@ pub fn build(loaded: &LoadedConfig, options: &PlanOptions) -> Result<Plan> {
                 &c.merge_method,
                 "merge_method",
                 format!(
-                    "`{}` learns its coefficients from data before merging: `fusekit merge` \
-                     built with `--features nn` does that (not --dry-run)",
+                    "`{}` runs the models over data before merging: `fusekit merge` built \
+                     with `--features nn` does that (not --dry-run)",
                     c.merge_method.value
                 ),
             );

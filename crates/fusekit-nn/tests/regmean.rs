@@ -1,0 +1,195 @@
+//! RegMean equals its closed form, computed here by hand: the Gram of every linear layer's inputs
+//! on each model's own data, off-diagonals scaled by α, and W* = (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢᵀ solved by
+//! Gaussian elimination; everything else averaged.
+
+// The hand computation indexes like the formulas it spells out.
+#![allow(clippy::needless_range_loop)]
+
+use candle_core::{Device, Tensor};
+use fusekit_nn::coefficients::Expert;
+use fusekit_nn::models::mlp::MlpConfig;
+use fusekit_nn::regmean::{regmean, RegMeanOptions};
+use fusekit_nn::weights::{save, Weights};
+use std::path::Path;
+
+const D: usize = 4;
+const H: usize = 6;
+
+type Matrix = Vec<Vec<f64>>;
+
+fn matrix(t: &Tensor) -> Matrix {
+    t.to_vec2::<f32>()
+        .unwrap()
+        .iter()
+        .map(|r| r.iter().map(|&v| v as f64).collect())
+        .collect()
+}
+
+/// Solves A X = B (A n×n, B n×m) by Gaussian elimination with partial pivoting.
+fn solve(mut a: Matrix, mut b: Matrix) -> Matrix {
+    let n = a.len();
+    for col in 0..n {
+        let pivot = (col..n)
+            .max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))
+            .unwrap();
+        a.swap(col, pivot);
+        b.swap(col, pivot);
+        for row in col + 1..n {
+            let f = a[row][col] / a[col][col];
+            for k in col..n {
+                a[row][k] -= f * a[col][k];
+            }
+            for k in 0..b[0].len() {
+                b[row][k] -= f * b[col][k];
+            }
+        }
+    }
+    let m = b[0].len();
+    let mut x = vec![vec![0.0; m]; n];
+    for row in (0..n).rev() {
+        for k in 0..m {
+            let s: f64 = (row + 1..n).map(|j| a[row][j] * x[j][k]).sum();
+            x[row][k] = (b[row][k] - s) / a[row][row];
+        }
+    }
+    x
+}
+
+/// W* from each model's weight and input rows.
+fn closed_form(weights: &[Matrix], inputs: &[Vec<Vec<f64>>], alpha: f64) -> Matrix {
+    let (out, inp) = (weights[0].len(), weights[0][0].len());
+    let mut a = vec![vec![0.0; inp]; inp];
+    let mut b = vec![vec![0.0; out]; inp];
+    for (w, x) in weights.iter().zip(inputs) {
+        for r in 0..inp {
+            for c in 0..inp {
+                let g = x.iter().map(|row| row[r] * row[c]).sum::<f64>() / x.len() as f64;
+                let g = if r == c { g } else { alpha * g };
+                a[r][c] += g;
+                for o in 0..out {
+                    b[r][o] += g * w[o][c];
+                }
+            }
+        }
+    }
+    let x = solve(a, b);
+    (0..out)
+        .map(|o| (0..inp).map(|i| x[i][o]).collect())
+        .collect()
+}
+
+fn model(dir: &Path, seed: u64, xs: &[[f32; D]]) -> (Weights, String) {
+    let config = MlpConfig {
+        trunk_sizes: vec![D, H],
+        num_labels: 3,
+    };
+    save(
+        dir,
+        &config.to_json(),
+        &config.init(seed, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let lines: String = xs
+        .iter()
+        .map(|x| format!("{{\"input\": {x:?}, \"label\": 0}}\n"))
+        .collect();
+    let data = format!("{}.jsonl", dir.display());
+    std::fs::write(&data, lines).unwrap();
+    (
+        Weights::load(dir.to_str().unwrap(), &Device::Cpu, false).unwrap(),
+        data,
+    )
+}
+
+#[test]
+fn regmean_equals_the_closed_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let inputs = |seed: u64| -> Vec<[f32; D]> {
+        let key = fusekit::rng::stream_key(seed, "x", 0);
+        (0..20)
+            .map(|i| {
+                std::array::from_fn(|j| {
+                    (fusekit::rng::uniform(key, (i * D + j) as u64) * 2.0 - 1.0) as f32
+                })
+            })
+            .collect()
+    };
+    let (xa, xb) = (inputs(1), inputs(2));
+    let (wa, da) = model(&d.join("a"), 1, &xa);
+    let (wb, db) = model(&d.join("b"), 2, &xb);
+    let experts = [
+        Expert {
+            model: d.join("a").display().to_string(),
+            data: da.into(),
+        },
+        Expert {
+            model: d.join("b").display().to_string(),
+            data: db.into(),
+        },
+    ];
+    let options = RegMeanOptions {
+        alpha: 0.7,
+        batch_size: 7,
+        ..Default::default()
+    };
+    regmean(&experts, &d.join("merged"), &options, &|_, _| {}).unwrap();
+    let merged = Weights::load(d.join("merged").to_str().unwrap(), &Device::Cpu, false).unwrap();
+
+    let get = |w: &Weights, n: &str, shape: &[usize]| {
+        matrix(
+            &w.get(n, shape)
+                .unwrap()
+                .reshape((shape[0], shape.iter().skip(1).product::<usize>().max(1)))
+                .unwrap(),
+        )
+    };
+    let as_rows = |xs: &[[f32; D]]| -> Vec<Vec<f64>> {
+        xs.iter()
+            .map(|x| x.iter().map(|&v| v as f64).collect())
+            .collect()
+    };
+    // The head's inputs are each model's own trunk features.
+    let features = |w: &Weights, xs: &[[f32; D]]| -> Vec<Vec<f64>> {
+        let wt = get(w, "trunk.0.weight", &[H, D]);
+        let bt = get(w, "trunk.0.bias", &[H]);
+        xs.iter()
+            .map(|x| {
+                (0..H)
+                    .map(|h| {
+                        (bt[h][0] + (0..D).map(|j| wt[h][j] * x[j] as f64).sum::<f64>()).max(0.0)
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let cases = [
+        ("trunk.0.weight", [H, D], vec![as_rows(&xa), as_rows(&xb)]),
+        (
+            "head.weight",
+            [3, H],
+            vec![features(&wa, &xa), features(&wb, &xb)],
+        ),
+    ];
+    for (name, shape, xs) in cases {
+        let want = closed_form(&[get(&wa, name, &shape), get(&wb, name, &shape)], &xs, 0.7);
+        let got = get(&merged, name, &shape);
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (c, (g, w)) in g.iter().zip(w).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "{name}[{r},{c}]: {g} vs {w}"
+                );
+            }
+        }
+    }
+    // Biases are averaged.
+    let (ba, bb, bm) = (
+        get(&wa, "trunk.0.bias", &[H]),
+        get(&wb, "trunk.0.bias", &[H]),
+        get(&merged, "trunk.0.bias", &[H]),
+    );
+    for h in 0..H {
+        assert!((bm[h][0] - (ba[h][0] + bb[h][0]) / 2.0).abs() < 1e-6);
+    }
+}
