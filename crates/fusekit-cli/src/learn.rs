@@ -63,7 +63,7 @@ fn learn(config: &Path, text: &str, out: &Path, quiet: bool) -> Result<PathBuf> 
         )
         .expect("valid template"),
     );
-    let learned = fusekit_nn::coefficients::learned_config(&text, &|done, total| {
+    let learned = fusekit_nn::coefficients::learned_config(text, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
