@@ -193,3 +193,63 @@ fn regmean_equals_the_closed_form() {
         assert!((bm[h][0] - (ba[h][0] + bb[h][0]) / 2.0).abs() < 1e-6);
     }
 }
+
+#[test]
+fn regmean_merges_decoders_on_text() {
+    use fusekit::dtype::Dtype;
+    use fusekit::fixtures::{write_model, Family, ModelSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let spec = ModelSpec::tiny(Family::Llama, Dtype::F32, 1);
+    let mut experts = Vec::new();
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        write_model(&spec.clone().finetuned(i as u64 + 2, 0.05), &d.join(name)).unwrap();
+        let lines: String = (0..6)
+            .map(|k| format!("{{\"text\": \"t{} t{} t{}\"}}\n", k + i, 2 * k, 40 - k))
+            .collect();
+        std::fs::write(d.join(format!("{name}.jsonl")), lines).unwrap();
+        experts.push(Expert {
+            model: d.join(name).display().to_string(),
+            data: d.join(format!("{name}.jsonl")),
+        });
+    }
+    regmean(
+        &experts,
+        &d.join("merged"),
+        &RegMeanOptions::default(),
+        &|_, _| {},
+    )
+    .unwrap();
+    let load = |n: &str| Weights::load(d.join(n).to_str().unwrap(), &Device::Cpu, false).unwrap();
+    let (a, b, m) = (load("a"), load("b"), load("merged"));
+    let mean = |name: &str, shape: &[usize]| {
+        ((a.get(name, shape).unwrap() + b.get(name, shape).unwrap()).unwrap() / 2.0).unwrap()
+    };
+    let differs = |name: &str, shape: &[usize]| {
+        let diff = (m.get(name, shape).unwrap() - mean(name, shape)).unwrap();
+        diff.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    // Linear layers are solved, norms averaged.
+    assert!(differs("model.layers.0.self_attn.q_proj.weight", &[32, 32]) > 1e-4);
+    assert!(differs("model.layers.1.mlp.down_proj.weight", &[32, 64]) > 1e-4);
+    assert!(differs("model.norm.weight", &[32]) < 1e-6);
+    // The merged decoder runs.
+    std::fs::write(d.join("text.txt"), "t1 t2 t3 t4 t5 t6 t7 t8").unwrap();
+    let task = fusekit_nn::eval::Task::Perplexity {
+        text: d.join("text.txt"),
+        context: 8,
+    };
+    let report = fusekit_nn::eval::evaluate(
+        d.join("merged").to_str().unwrap(),
+        &task,
+        &Default::default(),
+        &|_, _| {},
+    )
+    .unwrap();
+    assert!(report.value.is_finite() && report.value > 1.0);
+}
