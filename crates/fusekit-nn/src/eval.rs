@@ -109,7 +109,7 @@ fn perplexity(
     options: &EvalOptions,
     progress: &dyn Fn(u64, u64),
 ) -> Result<(f64, usize)> {
-    if !matches!(model_type(w), "llama" | "mistral" | "qwen2") {
+    if !is_decoder(w) {
         return Err(Error::model(
             &w.reference,
             "perplexity needs a causal LM (llama, mistral, qwen2)",
@@ -328,4 +328,36 @@ impl<'a> Classifier<'a> {
             }
         }
     }
+}
+
+/// The `text` of each JSONL line, at most `limit`.
+pub(crate) fn read_texts(data: &Path, limit: usize) -> Result<Vec<String>> {
+    let body = std::fs::read_to_string(data).map_err(|e| fusekit::Error::io(data, e))?;
+    let mut texts = Vec::new();
+    for (i, line) in body
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .take(limit)
+    {
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            fusekit::Error::bad_file(data, format!("line {}: invalid JSON: {e}", i + 1))
+        })?;
+        let text = value.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+            fusekit::Error::bad_file(data, format!("line {}: needs `text`", i + 1))
+        })?;
+        texts.push(text.to_string());
+    }
+    if texts.is_empty() {
+        return Err(Error::model(
+            data.display().to_string(),
+            "holds no examples",
+        ));
+    }
+    Ok(texts)
+}
+
+/// Whether `w` is a causal LM this crate runs.
+pub(crate) fn is_decoder(w: &Weights) -> bool {
+    matches!(model_type(w), "llama" | "mistral" | "qwen2")
 }

@@ -10,6 +10,8 @@
 //! `fisher.json` saying how it was made; `merge_method: fisher` reads it from `data:`.
 
 use crate::eval::{read_examples, Classifier};
+use crate::models::llama::Llama;
+use crate::text::TextEncoder;
 use crate::weights::{save_with, Weights};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -72,18 +74,54 @@ pub fn diagonal_fisher(
     // Weights, their gradients and the running sums.
     crate::memory::check(model, crate::memory::parameters(model)?, 3)?;
     let w = Weights::load(model, &Device::Cpu, true)?;
-    let classifier = Classifier::new(&w, options.max_len)?;
-    let examples = read_examples(data, Some(options.examples))?;
-    if examples.is_empty() {
+    let mut sums: Sums = w
+        .vars()
+        .map(|(name, var)| Ok((name, var.as_tensor().zeros_like()?)))
+        .collect::<Result<_>>()?;
+    let count = if crate::eval::is_decoder(&w) {
+        decoder_fisher(&w, data, options, &mut sums, progress)?
+    } else {
+        classifier_fisher(&w, data, options, &mut sums, progress)?
+    };
+    if count == 0 {
         return Err(Error::model(
             data.display().to_string(),
             "holds no examples",
         ));
     }
-    let mut sums: BTreeMap<&str, Tensor> = w
-        .vars()
-        .map(|(name, var)| Ok((name, var.as_tensor().zeros_like()?)))
-        .collect::<Result<_>>()?;
+    sums.into_iter()
+        .map(|(name, sum)| Ok((name.to_string(), (sum / count as f64)?)))
+        .collect()
+}
+
+type Sums<'a> = BTreeMap<&'a str, Tensor>;
+
+/// Adds `weight · g²` of every parameter's gradient in `grads` to its sum.
+fn accumulate(
+    w: &Weights,
+    sums: &mut Sums,
+    grads: &candle_core::backprop::GradStore,
+    weight: f64,
+) -> Result<()> {
+    for (name, var) in w.vars() {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            let sum = sums.get_mut(name).expect("every var");
+            *sum = (&*sum + (g.sqr()? * weight)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Classifiers: every example, every class (exact) or one. Returns the number of examples.
+fn classifier_fisher(
+    w: &Weights,
+    data: &Path,
+    options: &FisherOptions,
+    sums: &mut Sums,
+    progress: &dyn Fn(u64, u64),
+) -> Result<usize> {
+    let classifier = Classifier::new(w, options.max_len)?;
+    let examples = read_examples(data, Some(options.examples))?;
     for (index, example) in examples.iter().enumerate() {
         let logits = classifier
             .logits(std::slice::from_ref(example))?
@@ -111,20 +149,57 @@ pub fn diagonal_fisher(
             }
         };
         for (class, weight) in classes {
-            let grads = log_p.get(class)?.backward()?;
-            for (name, var) in w.vars() {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    let sum = sums.get_mut(name).expect("every var");
-                    *sum = (&*sum + (g.sqr()? * weight as f64)?)?;
-                }
-            }
+            accumulate(w, sums, &log_p.get(class)?.backward()?, weight as f64)?;
         }
         progress(index as u64 + 1, examples.len() as u64);
     }
-    let n = examples.len() as f64;
-    sums.into_iter()
-        .map(|(name, sum)| Ok((name.to_string(), (sum / n)?)))
-        .collect()
+    Ok(examples.len())
+}
+
+/// Causal LMs: a "class" is the next token at every position (our extension of the paper,
+/// `methods.md` §1): the gold next token (empirical) or one drawn from the model (sampled), one
+/// backward pass per position, squared per position. Returns the number of positions.
+fn decoder_fisher(
+    w: &Weights,
+    data: &Path,
+    options: &FisherOptions,
+    sums: &mut Sums,
+    progress: &dyn Fn(u64, u64),
+) -> Result<usize> {
+    if options.kind == FisherKind::Exact {
+        return Err(Error::model(
+            &w.reference,
+            "the exact Fisher of a causal LM sums over the whole vocabulary at every position: \
+             use `sampled` or `empirical`",
+        ));
+    }
+    let texts = crate::eval::read_texts(data, options.examples)?;
+    let decoder = Llama::new(w)?;
+    let encoder =
+        TextEncoder::from_model_dir(&crate::weights::model_dir(&w.reference)?, options.max_len)?;
+    let mut positions = 0;
+    for (index, text) in texts.iter().enumerate() {
+        let tokens = encoder.batch(&[text.as_str()], &Device::Cpu)?;
+        let ids = tokens.ids.squeeze(0)?.to_vec1::<u32>()?;
+        let log_p = crate::ops::log_softmax_last_dim(
+            &decoder.forward(&tokens.ids, &tokens.mask)?.squeeze(0)?,
+        )?;
+        let key = fusekit::rng::stream_key(options.seed, "fisher", index);
+        for t in 0..ids.len().saturating_sub(1) {
+            let row = log_p.get(t)?;
+            let next = match options.kind {
+                FisherKind::Empirical => ids[t + 1] as usize,
+                _ => sample(
+                    &row.exp()?.detach().to_vec1::<f32>()?,
+                    fusekit::rng::uniform(key, t as u64),
+                ),
+            };
+            accumulate(w, sums, &row.get(next)?.backward()?, 1.0)?;
+            positions += 1;
+        }
+        progress(index as u64 + 1, texts.len() as u64);
+    }
+    Ok(positions)
 }
 
 /// The class whose cumulative probability first exceeds `u` ∈ [0, 1).

@@ -51,13 +51,9 @@ impl Default for RegMeanOptions {
 pub fn grams(model: &str, data: &Path, options: &RegMeanOptions) -> Result<BTreeMap<String, Gram>> {
     let mut w = Weights::load(model, &Device::Cpu, false)?;
     w.capture_inputs();
-    let is_decoder = matches!(
-        w.config.get("model_type").and_then(|t| t.as_str()),
-        Some("llama" | "mistral" | "qwen2")
-    );
-    if is_decoder {
+    if crate::eval::is_decoder(&w) {
         // A causal LM reads the `text` of each line (labels, if any, are not needed).
-        let texts = read_texts(data, options.examples)?;
+        let texts = crate::eval::read_texts(data, options.examples)?;
         let decoder = Llama::new(&w)?;
         let dir = crate::weights::model_dir(model)?;
         let encoder = TextEncoder::from_model_dir(&dir, options.max_len)?;
@@ -80,33 +76,6 @@ pub fn grams(model: &str, data: &Path, options: &RegMeanOptions) -> Result<BTree
         classifier.logits(batch)?;
     }
     Ok(w.grams())
-}
-
-/// The `text` of each JSONL line, at most `limit`.
-fn read_texts(data: &Path, limit: usize) -> Result<Vec<String>> {
-    let body = std::fs::read_to_string(data).map_err(|e| fusekit::Error::io(data, e))?;
-    let mut texts = Vec::new();
-    for (i, line) in body
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .take(limit)
-    {
-        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-            fusekit::Error::bad_file(data, format!("line {}: invalid JSON: {e}", i + 1))
-        })?;
-        let text = value.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
-            fusekit::Error::bad_file(data, format!("line {}: needs `text`", i + 1))
-        })?;
-        texts.push(text.to_string());
-    }
-    if texts.is_empty() {
-        return Err(Error::model(
-            data.display().to_string(),
-            "holds no examples",
-        ));
-    }
-    Ok(texts)
 }
 
 /// `W*` of one linear layer from each model's weight `[out, in]` and Gram.
