@@ -334,7 +334,7 @@ fn the_empirical_fisher_of_a_decoder_sums_every_positions_squared_gradient() {
     let positions = (ids.len() - 1) as f64;
     // Sequence and prefix passes round differently in f32 (other matrix shapes): compare
     // relative to each value and to the largest Fisher entry of the model.
-    let scale = want.values().flat_map(|t| values(t)).fold(0.0, f64::max) / positions;
+    let scale = want.values().flat_map(values).fold(0.0, f64::max) / positions;
     for (name, t) in &got {
         let (g, w) = (values(t), values(&(&want[name] / positions).unwrap()));
         for (i, (a, b)) in g.iter().zip(&w).enumerate() {
