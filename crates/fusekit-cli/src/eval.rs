@@ -2,7 +2,6 @@
 
 use anyhow::{bail, Result};
 use fusekit_nn::eval::{evaluate, EvalOptions, Task};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -52,15 +51,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         head: args.head.clone(),
         max_len: args.max_len,
     };
-    let bar = ProgressBar::new(0);
-    if args.quiet {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} eta {eta}",
-        )
-        .expect("valid template"),
+    let bar = crate::progress_bar(
+        args.quiet,
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} eta {eta}",
     );
     let report = evaluate(&args.model, &task, &options, &|done, total| {
         bar.set_length(total);

@@ -3,7 +3,6 @@
 
 use anyhow::Result;
 use fusekit_nn::fisher::{write_fisher, FisherKind, FisherOptions};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -46,15 +45,9 @@ pub fn run(args: FisherArgs) -> Result<()> {
             fusekit_nn::memory::gib(parameters * 4 * 3)
         );
     }
-    let bar = ProgressBar::new(0);
-    if args.quiet {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} examples eta {eta}",
-        )
-        .expect("valid template"),
+    let bar = crate::progress_bar(
+        args.quiet,
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} examples eta {eta}",
     );
     write_fisher(
         &args.model,

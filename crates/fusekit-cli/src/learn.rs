@@ -5,7 +5,7 @@
 //! reads them is written as `OUT.fisher.yml`. That config is then merged.
 
 use anyhow::Result;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 
 /// What is left to do after the data-aware step.
@@ -38,31 +38,15 @@ pub fn prepare(config: &Path, out: &Path, quiet: bool, force: bool) -> Result<Pr
 }
 
 fn progress_bar(quiet: bool, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(0);
-    if quiet {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{spinner}} {what} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}}"
-        ))
-        .expect("valid template"),
-    );
-    bar
+    crate::progress_bar(
+        quiet,
+        &format!("{{spinner}} {what} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}}"),
+    )
 }
 
 /// The config to merge: `config` itself, or the learned config it leads to.
 fn learn(config: &Path, text: &str, out: &Path, quiet: bool) -> Result<PathBuf> {
-    let bar = ProgressBar::new(0);
-    if quiet {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} learning coefficients [{elapsed_precise}] {wide_bar} step {pos}/{len}",
-        )
-        .expect("valid template"),
-    );
+    let bar = progress_bar(quiet, "learning coefficients");
     let learned = fusekit_nn::coefficients::learned_config(text, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);

@@ -256,6 +256,16 @@ fn print_plans(
     Ok(())
 }
 
+/// A progress bar with `template` (indicatif's syntax), hidden when `quiet`.
+fn progress_bar(quiet: bool, template: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    if quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
+    bar
+}
+
 fn main() {
     // Rust ignores SIGPIPE, so `fusekit methods | head` would panic on the closed pipe; a
     // command-line tool should end quietly instead.
@@ -315,11 +325,7 @@ fn run(cli: Cli) -> Result<()> {
                     return Ok(());
                 }
             };
-            let bar = ProgressBar::new(0);
-            if quiet {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
-            bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("valid template"));
+            let bar = progress_bar(quiet, "{spinner} {msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}");
             let plan = fusekit::merge(&config, &out, &options, &Bar(bar.clone()))?;
             bar.finish_and_clear();
             if !quiet {

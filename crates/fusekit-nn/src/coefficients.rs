@@ -395,16 +395,48 @@ struct LearnedMergeConfig {
     dtype: Option<String>,
 }
 
+/// `models:` entries of a data-aware config.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LearnedModel {
-    model: String,
+pub(crate) struct LearnedModel {
+    pub(crate) model: String,
 }
 
+/// `data: {MODEL: {file}}` entries.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DataFile {
-    file: PathBuf,
+pub(crate) struct DataFile {
+    pub(crate) file: PathBuf,
+}
+
+/// The `merge_method` of a config, read from its text without parsing the rest.
+pub(crate) fn method_of(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("merge_method:"))
+        .map(|m| m.trim().trim_matches(['"', '\'']))
+}
+
+/// Each model with its `data` file; a model without one is an error naming it.
+pub(crate) fn experts_of(
+    method: &str,
+    models: &[LearnedModel],
+    data: &BTreeMap<String, DataFile>,
+) -> Result<Vec<Expert>> {
+    models
+        .iter()
+        .map(|m| {
+            let entry = data.get(&m.model).ok_or_else(|| {
+                Error::model(
+                    "config",
+                    format!("`{method}` needs `data: {{{}: {{file: JSONL}}}}`", m.model),
+                )
+            })?;
+            Ok(Expert {
+                model: m.model.clone(),
+                data: entry.file.clone(),
+            })
+        })
+        .collect()
 }
 
 #[derive(Default, serde::Deserialize)]
@@ -431,14 +463,7 @@ pub fn learned_config(
     text: &str,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Option<(String, Learned)>> {
-    let method = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("merge_method:"))
-        .map(|m| m.trim().trim_matches(['"', '\'']).to_string());
-    if !method
-        .as_deref()
-        .is_some_and(|m| fusekit::methods::LEARNED.contains(&m))
-    {
+    if !method_of(text).is_some_and(|m| fusekit::methods::LEARNED.contains(&m) && m != "regmean") {
         return Ok(None);
     }
     let config: LearnedMergeConfig =
@@ -467,25 +492,7 @@ pub fn learned_config(
             ))
         }
     };
-    let experts = config
-        .models
-        .iter()
-        .map(|m| {
-            let data = config.data.get(&m.model).ok_or_else(|| {
-                Error::model(
-                    "config",
-                    format!(
-                        "`{}` needs `data: {{{}: {{file: JSONL}}}}`",
-                        config.merge_method, m.model
-                    ),
-                )
-            })?;
-            Ok(Expert {
-                model: m.model.clone(),
-                data: data.file.clone(),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let experts = experts_of(&config.merge_method, &config.models, &config.data)?;
     let learned = learn(&config.base_model, &experts, &options, progress)?;
     let mut yaml = format!(
         "# Learned by fusekit {} ({:?} objective, {:?} coefficients): {} steps, objective {:.6} → {:.6}.\n# Rerun this merge without training: fusekit merge THIS_FILE OUT\n",

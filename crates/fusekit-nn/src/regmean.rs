@@ -14,7 +14,7 @@
 //! companions, so the merged model is written here (f32), with the first model's `config.json`
 //! and tokenizer files and a `regmean.json` of the settings.
 
-use crate::coefficients::Expert;
+use crate::coefficients::{experts_of, method_of, DataFile, Expert, LearnedModel};
 use crate::eval::{read_examples, Classifier};
 use crate::models::llama::Llama;
 use crate::text::TextEncoder;
@@ -175,22 +175,10 @@ pub fn regmean(
 struct RegMeanConfig {
     #[allow(dead_code)]
     merge_method: String,
-    models: Vec<ModelEntry>,
+    models: Vec<LearnedModel>,
     data: BTreeMap<String, DataFile>,
     #[serde(default)]
     parameters: RegMeanParameters,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ModelEntry {
-    model: String,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DataFile {
-    file: std::path::PathBuf,
 }
 
 #[derive(Default, serde::Deserialize)]
@@ -205,11 +193,7 @@ struct RegMeanParameters {
 /// The models and settings of a `merge_method: regmean` config (`data: {MODEL: {file}}`,
 /// `parameters: {alpha, examples, batch_size, max_len}`); `None` for other methods.
 pub fn regmean_config(text: &str) -> Result<Option<(Vec<Expert>, RegMeanOptions)>> {
-    let method = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("merge_method:"))
-        .map(|m| m.trim().trim_matches(['"', '\'']));
-    if method != Some("regmean") {
+    if method_of(text) != Some("regmean") {
         return Ok(None);
     }
     let config: RegMeanConfig =
@@ -228,21 +212,6 @@ pub fn regmean_config(text: &str) -> Result<Option<(Vec<Expert>, RegMeanOptions)
             format!("`parameters.alpha` {} is outside [0, 1]", options.alpha),
         ));
     }
-    let models = config
-        .models
-        .iter()
-        .map(|m| {
-            let data = config.data.get(&m.model).ok_or_else(|| {
-                Error::model(
-                    "config",
-                    format!("`regmean` needs `data: {{{}: {{file: JSONL}}}}`", m.model),
-                )
-            })?;
-            Ok(Expert {
-                model: m.model.clone(),
-                data: data.file.clone(),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let models = experts_of("regmean", &config.models, &config.data)?;
     Ok(Some((models, options)))
 }

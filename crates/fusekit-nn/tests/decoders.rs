@@ -2,7 +2,10 @@
 //! (`tests/data/decoder_reference.safetensors`, made by `scripts/decoder-reference.py`), and
 //! every parameter receives a gradient.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::assert_every_parameter_has_a_gradient;
 use fusekit::checkpoint::safetensors_file::SafetensorsFile;
 use fusekit::dtype::Dtype;
 use fusekit::fixtures::{write_model, Family, ModelSpec};
@@ -78,19 +81,6 @@ fn decoders_match_transformers_and_pass_gradients() {
             .unwrap()
             .mean_all()
             .unwrap();
-        let grads = loss.backward().unwrap();
-        for (name, var) in w.vars() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("`{name}` gets no gradient"));
-            let size = g
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(size > 0.0, "{}: `{name}` gradient {size}", family.name());
-        }
+        assert_every_parameter_has_a_gradient(family.name(), &w, &loss);
     }
 }

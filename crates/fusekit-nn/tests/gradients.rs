@@ -1,32 +1,15 @@
 //! Every parameter of every model family receives a non-zero gradient: the models are built only
 //! from operations with a backward pass (candle's fused kernels would silently cut some off).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::assert_every_parameter_has_a_gradient;
 use fusekit::dtype::Dtype;
 use fusekit::fixtures::{write_model, Family, ModelSpec};
 use fusekit_nn::models::bert::{mean_pool, Bert};
 use fusekit_nn::models::mlp::{Mlp, MlpConfig};
 use fusekit_nn::weights::{save, Weights};
-
-fn assert_every_parameter_has_a_gradient(w: &Weights, loss: &Tensor) {
-    let grads = loss.backward().unwrap();
-    let mut count = 0;
-    for (name, var) in w.vars() {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("`{name}` gets no gradient"));
-        let size = g
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(size > 0.0 && size.is_finite(), "`{name}`: gradient {size}");
-        count += 1;
-    }
-    assert!(count > 0);
-}
 
 #[test]
 fn bert_passes_gradients_to_every_parameter() {
@@ -41,7 +24,7 @@ fn bert_passes_gradients_to_every_parameter() {
     let loss = (pooled.sqr().unwrap().sum_all().unwrap()
         + out.pooler_output.unwrap().sum_all().unwrap())
     .unwrap();
-    assert_every_parameter_has_a_gradient(&w, &loss);
+    assert_every_parameter_has_a_gradient("bert", &w, &loss);
 }
 
 #[test]
@@ -67,5 +50,5 @@ fn mlp_passes_gradients_to_every_parameter() {
     assert_eq!(logits.dims(), &[4, 3]);
     assert_eq!(logits.dtype(), DType::F32);
     let loss = fusekit_nn::ops::cross_entropy(&logits, &labels).unwrap();
-    assert_every_parameter_has_a_gradient(&w, &loss);
+    assert_every_parameter_has_a_gradient("mlp", &w, &loss);
 }
