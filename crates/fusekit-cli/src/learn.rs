@@ -58,17 +58,7 @@ fn learn(config: &Path, text: &str, out: &Path, quiet: bool) -> Result<PathBuf> 
     let path = beside(out, ".learned.yml");
     std::fs::write(&path, &yaml)?;
     if !quiet {
-        for (i, lambdas) in learned.coefficients.iter().enumerate() {
-            let values: Vec<f64> = lambdas.values().copied().collect();
-            let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
-            let (lo, hi) = values
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-            eprintln!(
-                "model {i}: {} coefficients, mean {mean:.4}, range [{lo:.4}, {hi:.4}]",
-                values.len()
-            );
-        }
+        print_coefficients(&learned.coefficients);
         eprintln!("learned config: {}", path.display());
     }
     Ok(path)
@@ -103,4 +93,24 @@ fn fisher(config: &Path, text: &str, out: &Path, quiet: bool) -> Result<PathBuf>
         );
     }
     Ok(path)
+}
+
+/// What was learned, per model and layer (the mean over a layer's tensors; `*` for task-wise).
+fn print_coefficients(coefficients: &[std::collections::BTreeMap<String, f64>]) {
+    for (i, lambdas) in coefficients.iter().enumerate() {
+        let mut layers: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+        for (name, value) in lambdas {
+            let layer = match fusekit::arch::split_layer(name) {
+                Some((_, index, _)) => format!("layer {index:>3}"),
+                None => name.clone(),
+            };
+            let entry = layers.entry(layer).or_default();
+            entry.0 += value;
+            entry.1 += 1;
+        }
+        eprintln!("model {i}:");
+        for (layer, (sum, count)) in layers {
+            eprintln!("  {layer:<40} {:.4}  ({count} tensors)", sum / count as f64);
+        }
+    }
 }
