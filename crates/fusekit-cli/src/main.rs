@@ -211,7 +211,8 @@ fn pairs<T: std::str::FromStr>(text: &str) -> Result<std::collections::BTreeMap<
         .collect()
 }
 
-struct Bar(ProgressBar);
+/// The merge's progress bar, and the name of the step it shows.
+struct Bar(ProgressBar, std::sync::Mutex<String>);
 
 impl fusekit::exec::Progress for Bar {
     fn advance(&self, bytes: u64) {
@@ -219,6 +220,7 @@ impl fusekit::exec::Progress for Bar {
     }
 
     fn step(&self, name: &str, total_bytes: u64) {
+        *self.1.lock().expect("not poisoned") = name.to_string();
         self.0.set_message(name.to_string());
         self.0.set_length(total_bytes);
         self.0.set_position(0);
@@ -227,6 +229,18 @@ impl fusekit::exec::Progress for Bar {
     fn reused(&self, name: &str, dir: &std::path::Path) {
         self.0
             .println(format!("step `{name}`: reusing {}", dir.display()));
+    }
+
+    fn statistics(&self, pass: usize, done: usize, total: usize) {
+        let step = self.1.lock().expect("not poisoned").clone();
+        self.0.set_message(format!(
+            "{step} model-wide statistics, pass {}: {done}/{total} tensors",
+            pass + 1
+        ));
+        if done == total {
+            self.0
+                .set_message(self.1.lock().expect("not poisoned").clone());
+        }
     }
 }
 
@@ -326,7 +340,12 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             let bar = progress_bar(quiet, "{spinner} {msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}");
-            let plan = fusekit::merge(&config, &out, &options, &Bar(bar.clone()))?;
+            let plan = fusekit::merge(
+                &config,
+                &out,
+                &options,
+                &Bar(bar.clone(), Default::default()),
+            )?;
             bar.finish_and_clear();
             if !quiet {
                 eprintln!(

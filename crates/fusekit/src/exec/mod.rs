@@ -50,6 +50,9 @@ pub trait Progress: Sync {
     fn step(&self, _name: &str, _total_bytes: u64) {}
     /// A step's existing output is reused.
     fn reused(&self, _name: &str, _dir: &std::path::Path) {}
+    /// A model-wide statistics pass (`pass`, 0-based) has read `done` of `total` tensors; no
+    /// output bytes are written meanwhile.
+    fn statistics(&self, _pass: usize, _done: usize, _total: usize) {}
 }
 
 impl Progress for () {
@@ -76,7 +79,7 @@ pub fn run(
     // Largest first, so the long tensors do not start last.
     let mut order: Vec<usize> = (0..plan.tensors.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.tensors[i].bytes()));
-    let model_stats = pool.install(|| gather_model_statistics(plan, share, options))?;
+    let model_stats = pool.install(|| gather_model_statistics(plan, share, options, progress))?;
     let model_stats = model_stats.as_deref();
     pool.install(|| {
         order.par_iter().try_for_each(|&i| {
@@ -264,6 +267,7 @@ pub fn model_statistics(plan: &Plan, options: &ExecOptions) -> Result<Option<Arc
         plan,
         (options.memory_budget / threads).max(BLOCK * 64),
         options,
+        &(),
     )
 }
 
@@ -273,6 +277,7 @@ fn gather_model_statistics(
     plan: &Plan,
     share: usize,
     options: &ExecOptions,
+    progress: &dyn Progress,
 ) -> Result<Option<Arc<ModelStats>>> {
     let merges: Vec<(&TensorTask, &MergeTask)> = plan
         .tensors
@@ -297,6 +302,7 @@ fn gather_model_statistics(
         if !stats.wants_pass(pass) {
             continue;
         }
+        let mut done = 0;
         for chunk in work.chunks(group) {
             let mut parts: Vec<Box<dyn ModelStatistics>> =
                 chunk.iter().map(|_| stats.fork()).collect();
@@ -319,6 +325,8 @@ fn gather_model_statistics(
             for part in parts {
                 stats.absorb(part);
             }
+            done += chunk.len();
+            progress.statistics(pass, done, work.len());
         }
         stats.end_pass(pass)?;
     }
