@@ -12,6 +12,8 @@ mod bench;
 #[cfg(feature = "nn")]
 mod eval;
 #[cfg(feature = "nn")]
+mod finetune;
+#[cfg(feature = "nn")]
 mod fisher;
 #[cfg(feature = "nn")]
 mod learn;
@@ -151,6 +153,9 @@ enum Command {
     /// Compute a classifier's diagonal Fisher on its data (the statistics `fisher` merges read).
     #[cfg(feature = "nn")]
     Fisher(fisher::FisherArgs),
+    /// Fine-tune a classifier on a JSONL task (make an expert to merge).
+    #[cfg(feature = "nn")]
+    Finetune(finetune::FinetuneArgs),
 }
 
 #[derive(Subcommand)]
@@ -515,5 +520,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         #[cfg(feature = "nn")]
         Command::Fisher(args) => fisher::run(args),
+        #[cfg(feature = "nn")]
+        Command::Finetune(args) => finetune::run(args),
     }
 }

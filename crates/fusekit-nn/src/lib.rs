@@ -15,6 +15,7 @@ pub mod models;
 pub mod ops;
 pub mod regmean;
 pub mod text;
+pub mod train;
 pub mod weights;
 
 pub use candle_core::{DType, Device, Tensor, Var};

@@ -4,15 +4,14 @@
 //! much of them. AdaMerging (entropy, no labels) and aTLAS (cross-entropy, few labels) must
 //! lower their objective and beat task arithmetic at 0.3.
 
-use candle_core::{Device, Tensor};
-use candle_nn::{Optimizer, SGD};
+use candle_core::Device;
 use fusekit_nn::coefficients::{
     learn, learned_config, task_arithmetic_config, CoefficientOptions, Expert, Granularity,
 };
 use fusekit_nn::eval::{evaluate, EvalOptions, Task};
-use fusekit_nn::models::mlp::{Mlp, MlpConfig};
-use fusekit_nn::ops::cross_entropy;
-use fusekit_nn::weights::{save, Weights};
+use fusekit_nn::models::mlp::MlpConfig;
+use fusekit_nn::train::{finetune, TrainOptions};
+use fusekit_nn::weights::save;
 use std::path::Path;
 
 /// Task `t`'s examples: two uniform inputs in its own pair of columns, the others zero.
@@ -43,26 +42,6 @@ fn write_jsonl(path: &Path, xs: &[[f32; 4]], labels: &[u32]) {
         .map(|(x, l)| format!("{{\"input\": {x:?}, \"label\": {l}}}\n"))
         .collect();
     std::fs::write(path, text).unwrap();
-}
-
-/// Fine-tunes every parameter of `base` on a task by full-batch gradient descent.
-fn finetune(base: &Path, xs: &[[f32; 4]], labels: &[u32], out: &Path) {
-    let w = Weights::load(base.to_str().unwrap(), &Device::Cpu, true).unwrap();
-    let mlp = Mlp::new(&w).unwrap();
-    let flat: Vec<f32> = xs.iter().flatten().copied().collect();
-    let x = Tensor::from_vec(flat, (xs.len(), 4), &Device::Cpu).unwrap();
-    let y = Tensor::new(labels, &Device::Cpu).unwrap();
-    let vars: Vec<_> = w.vars().map(|(_, v)| v.clone()).collect();
-    let mut sgd = SGD::new(vars, 0.5).unwrap();
-    for _ in 0..400 {
-        let loss = cross_entropy(&mlp.forward(&x).unwrap(), &y).unwrap();
-        sgd.backward_step(&loss).unwrap();
-    }
-    let tensors: Vec<(String, Tensor)> = w
-        .tensors()
-        .map(|(n, t)| (n.to_string(), t.clone()))
-        .collect();
-    save(out, &w.config, &tensors).unwrap();
 }
 
 fn accuracy(model: &Path, head: &Path, data: &Path) -> f64 {
@@ -120,7 +99,22 @@ fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
         write_jsonl(&d.join(format!("train{t}.jsonl")), &xs, &labels);
         let (test_x, test_y) = examples(t, 300, 2);
         write_jsonl(&d.join(format!("test{t}.jsonl")), &test_x, &test_y);
-        finetune(&d.join("base"), &xs, &labels, &d.join(format!("expert{t}")));
+        let options = TrainOptions {
+            steps: 300,
+            learning_rate: 0.02,
+            seed: t as u64,
+            ..Default::default()
+        };
+        let base = d.join("base").display().to_string();
+        let train = d.join(format!("train{t}.jsonl"));
+        finetune(
+            &base,
+            &train,
+            &d.join(format!("expert{t}")),
+            &options,
+            &|_, _| {},
+        )
+        .unwrap();
         let own = accuracy(
             &d.join(format!("expert{t}")),
             &d.join(format!("expert{t}")),

@@ -524,7 +524,8 @@ const MAX_FIXTURE_TOKENIZER: usize = 4096;
 /// A word-level BPE tokenizer (no merges) of `vocab` tokens: `<unk>`, `<s>`, `</s>` as special
 /// added tokens, then `t3`, `t4`, …. Variant k > 0 renames the last quarter `t{i}_v{k}` and
 /// makes the last one a special added token `<|v{k}|>`, so vocabularies of different variants
-/// overlap in three quarters.
+/// overlap in three quarters. Whole words are tokens of their own (`ignore_merges`: the BPE has
+/// no merges, so without it every word would fall apart into unknown characters).
 pub fn tokenizer_json(vocab: usize, variant: u64) -> String {
     let unique_from = vocab - vocab / 4;
     let token = |i: usize| match i {
@@ -554,7 +555,7 @@ pub fn tokenizer_json(vocab: usize, variant: u64) -> String {
         "decoder": null,
         "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
             "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
-            "byte_fallback": false, "ignore_merges": false, "vocab": words, "merges": []},
+            "byte_fallback": false, "ignore_merges": true, "vocab": words, "merges": []},
     });
     serde_json::to_string_pretty(&json).expect("plain JSON")
 }
