@@ -48,6 +48,14 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         seed: args.seed,
         max_len: args.max_len,
     };
+    if !args.quiet {
+        let parameters = fusekit_nn::memory::parameters(&args.model)?;
+        let copies = fusekit_nn::memory::FINETUNE_COPIES;
+        eprintln!(
+            "about {} of memory",
+            fusekit_nn::memory::gib(parameters * 4 * copies)
+        );
+    }
     let bar = crate::progress_bar(
         args.quiet,
         "{spinner} fine-tuning [{elapsed_precise}] {wide_bar} step {pos}/{len} eta {eta}",

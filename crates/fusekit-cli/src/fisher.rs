@@ -42,7 +42,7 @@ pub fn run(args: FisherArgs) -> Result<()> {
     if !args.quiet {
         eprintln!(
             "{parameters} parameters: about {} of memory",
-            fusekit_nn::memory::gib(parameters * 4 * 3)
+            fusekit_nn::memory::gib(parameters * 4 * fusekit_nn::memory::FISHER_COPIES)
         );
     }
     let bar = crate::progress_bar(

@@ -26,6 +26,14 @@ pub fn prepare(config: &Path, out: &Path, quiet: bool, force: bool) -> Result<Pr
                 out.display()
             );
         }
+        if !quiet {
+            let parameters = fusekit_nn::memory::parameters(&models[0].model)?;
+            let copies = fusekit_nn::memory::regmean_copies(models.len());
+            eprintln!(
+                "RegMean: about {} of memory",
+                fusekit_nn::memory::gib(parameters * 4 * copies)
+            );
+        }
         let bar = progress_bar(quiet, "collecting Grams");
         fusekit_nn::regmean::regmean(&models, out, &options, &|done, total| {
             bar.set_length(total);

@@ -176,9 +176,11 @@ pub fn learn(
     progress: &dyn Fn(u64, u64),
 ) -> Result<Learned> {
     let device = Device::Cpu;
-    // The base, every expert and its task vector, and one merged model with its graph.
-    let k = experts.len() as u64;
-    crate::memory::check(base, crate::memory::parameters(base)?, 2 * k + 3)?;
+    crate::memory::check(
+        base,
+        crate::memory::parameters(base)?,
+        crate::memory::learned_copies(experts.len()),
+    )?;
     let base_w = Weights::load(base, &device, false)?;
     let mut tasks = Vec::new();
     for e in experts {

@@ -72,7 +72,11 @@ pub fn diagonal_fisher(
     progress: &dyn Fn(u64, u64),
 ) -> Result<Vec<(String, Tensor)>> {
     // Weights, their gradients and the running sums.
-    crate::memory::check(model, crate::memory::parameters(model)?, 3)?;
+    crate::memory::check(
+        model,
+        crate::memory::parameters(model)?,
+        crate::memory::FISHER_COPIES,
+    )?;
     let w = Weights::load(model, &Device::Cpu, true)?;
     let mut sums: Sums = w
         .vars()

@@ -5,6 +5,22 @@
 use crate::{Error, Result};
 use fusekit::checkpoint::Checkpoint;
 
+/// f32 copies of the model each computation holds: weights, gradients and running sums for the
+/// Fisher; weights, gradients and AdamW's two moments for fine-tuning.
+pub const FISHER_COPIES: u64 = 3;
+pub const FINETUNE_COPIES: u64 = 4;
+
+/// Learned coefficients over `experts` task vectors: the base, each expert and its task vector,
+/// one merged model with its graph.
+pub fn learned_copies(experts: usize) -> u64 {
+    2 * experts as u64 + 3
+}
+
+/// RegMean over `models`: each model, the merged one and the Grams' share.
+pub fn regmean_copies(models: usize) -> u64 {
+    models as u64 + 2
+}
+
 /// Float parameters of a model, from its headers.
 pub fn parameters(reference: &str) -> Result<u64> {
     let checkpoint = Checkpoint::open(reference)?;

@@ -124,7 +124,11 @@ pub fn regmean(
         .first()
         .ok_or_else(|| Error::model("regmean", "needs models"))?;
     let parameters = crate::memory::parameters(&first.model)?;
-    crate::memory::check(&first.model, parameters, models.len() as u64 + 2)?;
+    crate::memory::check(
+        &first.model,
+        parameters,
+        crate::memory::regmean_copies(models.len()),
+    )?;
     faer::set_global_parallelism(faer::Par::Seq);
     let mut loaded = Vec::new();
     let mut all_grams = Vec::new();

@@ -63,7 +63,11 @@ pub fn finetune(
 ) -> Result<TrainReport> {
     let started = std::time::Instant::now();
     // Weights, gradients and AdamW's two moments.
-    crate::memory::check(model, crate::memory::parameters(model)?, 4)?;
+    crate::memory::check(
+        model,
+        crate::memory::parameters(model)?,
+        crate::memory::FINETUNE_COPIES,
+    )?;
     let examples = read_examples(data, Some(options.examples))?;
     if examples.is_empty() {
         return Err(Error::model(
