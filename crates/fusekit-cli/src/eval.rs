@@ -55,10 +55,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         args.quiet,
         "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} eta {eta}",
     );
-    let report = evaluate(&args.model, &task, &options, &|done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })?;
+    let report = evaluate(&args.model, &task, &options, &crate::moves(&bar))?;
     bar.finish_and_clear();
     println!("| model | data | {} | examples | seconds |", report.metric);
     println!("|---|---|---|---|---|");

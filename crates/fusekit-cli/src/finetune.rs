@@ -65,10 +65,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         &args.data,
         &args.out,
         &options,
-        &|done, total| {
-            bar.set_length(total);
-            bar.set_position(done);
-        },
+        &crate::moves(&bar),
     )?;
     bar.finish_and_clear();
     if !args.quiet {

@@ -54,10 +54,7 @@ pub fn run(args: FisherArgs) -> Result<()> {
         &args.data,
         &args.out,
         &options,
-        &|done, total| {
-            bar.set_length(total);
-            bar.set_position(done);
-        },
+        &crate::moves(&bar),
     )?;
     bar.finish_and_clear();
     eprintln!("wrote {} ({:?} Fisher)", args.out.display(), options.kind);

@@ -35,10 +35,7 @@ pub fn prepare(config: &Path, out: &Path, quiet: bool, force: bool) -> Result<Pr
             );
         }
         let bar = progress_bar(quiet, "collecting Grams");
-        fusekit_nn::regmean::regmean(&models, out, &options, &|done, total| {
-            bar.set_length(total);
-            bar.set_position(done);
-        })?;
+        fusekit_nn::regmean::regmean(&models, out, &options, &crate::moves(&bar))?;
         bar.finish_and_clear();
         return Ok(Prepared::Written);
     }
@@ -55,10 +52,7 @@ fn progress_bar(quiet: bool, what: &str) -> ProgressBar {
 /// The config to merge: `config` itself, or the learned config it leads to.
 fn learn(config: &Path, text: &str, out: &Path, quiet: bool) -> Result<PathBuf> {
     let bar = progress_bar(quiet, "learning coefficients");
-    let learned = fusekit_nn::coefficients::learned_config(text, &|done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })?;
+    let learned = fusekit_nn::coefficients::learned_config(text, &crate::moves(&bar))?;
     bar.finish_and_clear();
     let Some((yaml, learned)) = learned else {
         return fisher(config, text, out, quiet);
@@ -83,10 +77,7 @@ fn beside(out: &Path, suffix: &str) -> PathBuf {
 fn fisher(config: &Path, text: &str, out: &Path, quiet: bool) -> Result<PathBuf> {
     let bar = progress_bar(quiet, "Fisher");
     let dir = beside(out, ".fisher");
-    let rewritten = fusekit_nn::fisher::fisher_config(text, &dir, &|done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })?;
+    let rewritten = fusekit_nn::fisher::fisher_config(text, &dir, &crate::moves(&bar))?;
     bar.finish_and_clear();
     let Some(yaml) = rewritten else {
         return Ok(config.to_path_buf());

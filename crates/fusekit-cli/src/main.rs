@@ -285,6 +285,15 @@ fn progress_bar(quiet: bool, template: &str) -> ProgressBar {
     bar
 }
 
+/// A progress callback (`done` of `total`) that moves `bar`.
+#[cfg(feature = "nn")]
+fn moves(bar: &ProgressBar) -> impl Fn(u64, u64) + '_ {
+    move |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    }
+}
+
 fn main() {
     // Rust ignores SIGPIPE, so `fusekit methods | head` would panic on the closed pipe; a
     // command-line tool should end quietly instead.

@@ -4,14 +4,13 @@
 //! much of them. AdaMerging (entropy, no labels) and aTLAS (cross-entropy, few labels) must
 //! lower their objective and beat task arithmetic at 0.3.
 
-use candle_core::Device;
+mod common;
+
+use common::{accuracy, mlp};
 use fusekit_nn::coefficients::{
     learn, learned_config, task_arithmetic_config, CoefficientOptions, Expert, Granularity,
 };
-use fusekit_nn::eval::{evaluate, EvalOptions, Task};
-use fusekit_nn::models::mlp::MlpConfig;
 use fusekit_nn::train::{finetune, TrainOptions};
-use fusekit_nn::weights::save;
 use std::path::Path;
 
 /// Task `t`'s examples: two uniform inputs in its own pair of columns, the others zero.
@@ -44,19 +43,6 @@ fn write_jsonl(path: &Path, xs: &[[f32; 4]], labels: &[u32]) {
     std::fs::write(path, text).unwrap();
 }
 
-fn accuracy(model: &Path, head: &Path, data: &Path) -> f64 {
-    let options = EvalOptions {
-        head: Some(head.to_str().unwrap().to_string()),
-        ..Default::default()
-    };
-    let task = Task::Classification {
-        data: data.to_path_buf(),
-    };
-    evaluate(model.to_str().unwrap(), &task, &options, &|_, _| {})
-        .unwrap()
-        .value
-}
-
 /// Merges with a task-arithmetic config and returns the mean accuracy over both tasks.
 fn merged_accuracy(d: &Path, name: &str, config: &str) -> f64 {
     std::fs::write(d.join(format!("{name}.yml")), config).unwrap();
@@ -71,8 +57,8 @@ fn merged_accuracy(d: &Path, name: &str, config: &str) -> f64 {
         .map(|t| {
             accuracy(
                 &d.join(name),
-                &d.join(format!("expert{t}")),
                 &d.join(format!("test{t}.jsonl")),
+                Some(&d.join(format!("expert{t}"))),
             )
         })
         .sum::<f64>()
@@ -83,16 +69,7 @@ fn merged_accuracy(d: &Path, name: &str, config: &str) -> f64 {
 fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let config = MlpConfig {
-        trunk_sizes: vec![4, 16],
-        num_labels: 2,
-    };
-    save(
-        &d.join("base"),
-        &config.to_json(),
-        &config.init(1, &Device::Cpu).unwrap(),
-    )
-    .unwrap();
+    mlp(&d.join("base"), &[4, 16], 2, 1);
     let mut experts = Vec::new();
     for t in 0..2 {
         let (xs, labels) = examples(t, 200, 1);
@@ -117,8 +94,8 @@ fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
         .unwrap();
         let own = accuracy(
             &d.join(format!("expert{t}")),
-            &d.join(format!("expert{t}")),
             &d.join(format!("test{t}.jsonl")),
+            None,
         );
         assert!(own > 0.9, "expert {t} learned its task: {own}");
         experts.push(Expert {

@@ -2,7 +2,10 @@
 //! argmax of its input, a decoder whose logits are all zero (perplexity = vocabulary size), a
 //! BERT classifier whose head always says class 1.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::accuracy;
 use fusekit::dtype::Dtype;
 use fusekit::fixtures::{write_model, Family, ModelSpec};
 use fusekit_nn::eval::{evaluate, EvalOptions, Task};
@@ -32,20 +35,6 @@ fn permutation_mlp(dir: &Path, rows: [usize; 3]) {
         ("head.bias".to_string(), t(&[0.0; 3], &[3])),
     ];
     save(dir, &config.to_json(), &tensors).unwrap();
-}
-
-fn accuracy(model: &Path, data: &Path, head: Option<&Path>) -> f64 {
-    let options = EvalOptions {
-        batch_size: 3,
-        head: head.map(|h| h.to_str().unwrap().to_string()),
-        ..Default::default()
-    };
-    let task = Task::Classification {
-        data: data.to_path_buf(),
-    };
-    evaluate(model.to_str().unwrap(), &task, &options, &|_, _| {})
-        .unwrap()
-        .value
 }
 
 #[test]

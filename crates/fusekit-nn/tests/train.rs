@@ -1,43 +1,20 @@
 //! Fine-tuning makes experts: the loss falls, the task is learned, frozen tensors stay as they
 //! were, a missing head is created, and the same seed gives the same model.
 
+mod common;
+
 use candle_core::Device;
+use common::{accuracy, mlp};
 use fusekit::dtype::Dtype;
 use fusekit::fixtures::{write_model, Family, ModelSpec};
-use fusekit_nn::eval::{evaluate, EvalOptions, Task};
-use fusekit_nn::models::mlp::MlpConfig;
 use fusekit_nn::train::{finetune, TrainOptions};
-use fusekit_nn::weights::{save, Weights};
-use std::path::Path;
-
-fn accuracy(model: &Path, data: &Path) -> f64 {
-    let task = Task::Classification {
-        data: data.to_path_buf(),
-    };
-    evaluate(
-        model.to_str().unwrap(),
-        &task,
-        &EvalOptions::default(),
-        &|_, _| {},
-    )
-    .unwrap()
-    .value
-}
+use fusekit_nn::weights::Weights;
 
 #[test]
 fn an_mlp_learns_its_task_reproducibly() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let config = MlpConfig {
-        trunk_sizes: vec![2, 16],
-        num_labels: 2,
-    };
-    save(
-        &d.join("base"),
-        &config.to_json(),
-        &config.init(1, &Device::Cpu).unwrap(),
-    )
-    .unwrap();
+    mlp(&d.join("base"), &[2, 16], 2, 1);
     let key = fusekit::rng::stream_key(4, "toy", 0);
     let lines: String = (0..200)
         .map(|i| {
@@ -52,7 +29,7 @@ fn an_mlp_learns_its_task_reproducibly() {
         })
         .collect();
     std::fs::write(d.join("task.jsonl"), lines).unwrap();
-    let before = accuracy(&d.join("base"), &d.join("task.jsonl"));
+    let before = accuracy(&d.join("base"), &d.join("task.jsonl"), None);
     let options = TrainOptions {
         steps: 300,
         learning_rate: 0.02,
@@ -74,7 +51,7 @@ fn an_mlp_learns_its_task_reproducibly() {
         "{:?}",
         &report.losses[..10]
     );
-    let after = accuracy(&d.join("ft"), &d.join("task.jsonl"));
+    let after = accuracy(&d.join("ft"), &d.join("task.jsonl"), None);
     assert!(
         after > 0.95 && after > before,
         "accuracy {before} → {after}"
@@ -151,7 +128,7 @@ fn an_encoder_gets_a_fresh_head_and_keeps_its_frozen_layers() {
             == 0.0;
         assert_eq!(same, !name.starts_with("encoder.layer.3."), "{name}");
     }
-    let acc = accuracy(&d.join("ft"), &d.join("task.jsonl"));
+    let acc = accuracy(&d.join("ft"), &d.join("task.jsonl"), None);
     assert!(
         acc > 0.9,
         "accuracy {acc}, losses {:?}",
