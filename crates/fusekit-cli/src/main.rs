@@ -10,6 +10,8 @@ use std::path::PathBuf;
 
 mod bench;
 #[cfg(feature = "nn")]
+mod data;
+#[cfg(feature = "nn")]
 mod eval;
 #[cfg(feature = "nn")]
 mod finetune;
@@ -156,6 +158,10 @@ enum Command {
     /// Fine-tune a classifier on a JSONL task (make an expert to merge).
     #[cfg(feature = "nn")]
     Finetune(finetune::FinetuneArgs),
+    /// Turn real datasets into JSONL task files.
+    #[cfg(feature = "nn")]
+    #[command(subcommand)]
+    Data(data::DataCommand),
 }
 
 #[derive(Subcommand)]
@@ -531,5 +537,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fisher(args) => fisher::run(args),
         #[cfg(feature = "nn")]
         Command::Finetune(args) => finetune::run(args),
+        #[cfg(feature = "nn")]
+        Command::Data(command) => data::run(command),
     }
 }

@@ -8,6 +8,7 @@
 //! checkpoint (through fusekit's reader, so LoRA references and validation come for free).
 
 pub mod coefficients;
+pub mod datasets;
 pub mod eval;
 pub mod fisher;
 pub mod memory;

@@ -1,0 +1,46 @@
+//! Real labelled data turned into the JSONL task files the rest of the runtime reads
+//! (`{"text" | "input", "label"}`), with seeded train/test splits. Each source is installed
+//! offline from a package registry (`shared/specs/real-data.md`); nothing is downloaded here.
+
+pub mod wordnet;
+
+use crate::Result;
+use std::path::Path;
+
+/// One labelled example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Labelled {
+    pub text: String,
+    pub label: u32,
+}
+
+/// Writes `train` and `test` examples of a task to `dir/NAME.train.jsonl` and `.test.jsonl`.
+pub fn write_split(dir: &Path, name: &str, train: &[Labelled], test: &[Labelled]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| fusekit::Error::io(dir, e))?;
+    for (part, examples) in [("train", train), ("test", test)] {
+        let path = dir.join(format!("{name}.{part}.jsonl"));
+        let text: String = examples
+            .iter()
+            .map(|e| serde_json::json!({"text": e.text, "label": e.label}).to_string() + "\n")
+            .collect();
+        std::fs::write(&path, text).map_err(|e| fusekit::Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// `examples` in a seeded order (Fisher–Yates on the counter-based stream), cut into the first
+/// `train` and the next `test`.
+pub fn split(
+    mut examples: Vec<Labelled>,
+    train: usize,
+    test: usize,
+    seed: u64,
+) -> (Vec<Labelled>, Vec<Labelled>) {
+    let key = fusekit::rng::stream_key(seed, "split", 0);
+    for i in (1..examples.len()).rev() {
+        let j = (fusekit::rng::uniform(key, i as u64) * (i + 1) as f64) as usize;
+        examples.swap(i, j.min(i));
+    }
+    let test_part = examples.split_off(train.min(examples.len()));
+    (examples, test_part.into_iter().take(test).collect())
+}
