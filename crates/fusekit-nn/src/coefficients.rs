@@ -238,7 +238,8 @@ pub fn learn(
         let mut merged = BTreeMap::new();
         for (name, t) in base_w.tensors().filter(|(n, _)| !is_head(n)) {
             let mut theta = t.clone();
-            if names.iter().any(|n| n == name) {
+            // Tensors without a task vector (left out by `matrices_only`) keep the base.
+            if vectors[0].contains_key(name) {
                 for (tv, c) in vectors.iter().zip(&coefficients) {
                     theta = (theta + tv[name].broadcast_mul(&c[group(name).as_str()])?)?;
                 }
