@@ -151,7 +151,6 @@ pub fn regmean(
         };
         merged.push((name.to_string(), value));
     }
-    let dir = fusekit::checkpoint::Checkpoint::open(&first.model)?.dir;
     let mut files = vec![(
         "regmean.json",
         serde_json::to_string_pretty(&serde_json::json!({
@@ -162,11 +161,7 @@ pub fn regmean(
         .expect("plain JSON")
             + "\n",
     )];
-    for name in fusekit::write::TOKENIZER_FILES {
-        if let Ok(text) = std::fs::read_to_string(dir.join(name)) {
-            files.push((name, text));
-        }
-    }
+    files.extend(crate::weights::tokenizer_files(&first.model)?);
     let mut config = loaded[0].config.clone();
     config["torch_dtype"] = "float32".into();
     save_with(out, &config, &merged, &files)?;

@@ -143,12 +143,7 @@ pub fn finetune(
         "finetune.json",
         serde_json::to_string_pretty(&about).expect("plain JSON") + "\n",
     )];
-    let dir = crate::weights::model_dir(model)?;
-    for name in fusekit::write::TOKENIZER_FILES {
-        if let Ok(text) = std::fs::read_to_string(dir.join(name)) {
-            files.push((name, text));
-        }
-    }
+    files.extend(crate::weights::tokenizer_files(model)?);
     save_with(out, &trainable.config, &tensors, &files)?;
     Ok(report)
 }

@@ -196,6 +196,16 @@ pub fn model_dir(reference: &str) -> Result<std::path::PathBuf> {
     Ok(Checkpoint::open(reference)?.dir)
 }
 
+/// The tokenizer files (and generation config) of a model, by name and text, to write beside a
+/// model derived from it.
+pub fn tokenizer_files(reference: &str) -> Result<Vec<(&'static str, String)>> {
+    let dir = model_dir(reference)?;
+    Ok(fusekit::write::TOKENIZER_FILES
+        .iter()
+        .filter_map(|&name| Some((name, std::fs::read_to_string(dir.join(name)).ok()?)))
+        .collect())
+}
+
 /// Writes `tensors` (f32) and `config` as a Hugging Face model directory at `out`, atomically.
 pub fn save(
     out: &std::path::Path,
