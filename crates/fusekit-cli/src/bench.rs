@@ -11,7 +11,24 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: Option<BenchCommand>,
+    #[command(flatten)]
+    pub speed: SpeedArgs,
+}
+
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// Does the merge keep the experts' skills? Real tasks, every method, a table and a plot.
+    #[cfg(feature = "nn")]
+    Quality(crate::quality::QualityArgs),
+}
+
+/// The speed benchmark (`fusekit bench` with no subcommand).
+#[derive(clap::Args)]
+pub struct SpeedArgs {
     /// Where the generated models and outputs go (about 15 GB).
     #[arg(long, default_value = "bench-out")]
     dir: PathBuf,
@@ -118,6 +135,14 @@ fn roofline(inputs: &[PathBuf], out_bytes: usize, scratch: &Path) -> Result<Dura
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    match args.what {
+        #[cfg(feature = "nn")]
+        Some(BenchCommand::Quality(quality)) => crate::quality::run(quality),
+        None => speed(args.speed),
+    }
+}
+
+fn speed(args: SpeedArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dir)?;
     // Absolute paths: mergekit asks the hub about anything that looks like `org/name`.
     let dir = &args.dir.canonicalize()?;

@@ -19,6 +19,8 @@ mod finetune;
 mod fisher;
 #[cfg(feature = "nn")]
 mod learn;
+#[cfg(feature = "nn")]
+mod quality;
 
 #[derive(Parser)]
 #[command(
@@ -147,7 +149,8 @@ enum Command {
     /// Continual merging (OPCM): fold fine-tunes into a running merge one at a time.
     #[command(subcommand)]
     Continual(ContinualCommand),
-    /// Benchmark fusekit against mergekit and the I/O roofline on a generated 1B model.
+    /// Benchmarks: speed against mergekit and the I/O roofline on a generated 1B model (no
+    /// subcommand), or `quality` of the merged models on real tasks.
     Bench(bench::BenchArgs),
     /// Evaluate a model: perplexity on a text file, or accuracy on labelled JSONL.
     #[cfg(feature = "nn")]

@@ -161,7 +161,7 @@ fn perplexity(
 }
 
 impl Example {
-    pub(crate) fn label(&self) -> u32 {
+    pub fn label(&self) -> u32 {
         match self {
             Example::Text(_, l) | Example::Vector(_, l) => *l,
         }
@@ -169,13 +169,13 @@ impl Example {
 }
 
 /// One labelled example of a JSONL file.
-#[derive(Clone)]
-pub(crate) enum Example {
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
     Text(String, u32),
     Vector(Vec<f32>, u32),
 }
 
-pub(crate) fn read_examples(data: &Path, limit: Option<usize>) -> Result<Vec<Example>> {
+pub fn read_examples(data: &Path, limit: Option<usize>) -> Result<Vec<Example>> {
     let body = std::fs::read_to_string(data).map_err(|e| fusekit::Error::io(data, e))?;
     let bad = |line: usize, m: &str| fusekit::Error::bad_file(data, format!("line {line}: {m}"));
     let mut examples = Vec::new();
@@ -219,25 +219,39 @@ fn classify(
     progress: &dyn Fn(u64, u64),
 ) -> Result<(usize, usize)> {
     let examples = read_examples(data, options.limit)?;
-    let total = examples.len() as u64;
+    let correct = correct(w, &examples, options, progress)?;
+    Ok((correct, examples.len()))
+}
+
+/// The share of `examples` that `w` classifies right.
+pub fn accuracy(w: &Weights, examples: &[Example], options: &EvalOptions) -> Result<f64> {
+    let correct = correct(w, examples, options, &|_, _| {})?;
+    Ok(correct as f64 / examples.len().max(1) as f64)
+}
+
+fn correct(
+    w: &Weights,
+    examples: &[Example],
+    options: &EvalOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<usize> {
     let classifier = Classifier::new(w, options.max_len)?;
+    let batch_size = options.batch_size.max(1);
     let mut correct = 0;
-    for (done, batch) in examples.chunks(options.batch_size.max(1)).enumerate() {
+    for (done, batch) in examples.chunks(batch_size).enumerate() {
         let logits = classifier.logits(batch)?;
         let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         correct += batch
             .iter()
             .zip(predicted)
-            .filter(|(e, p)| match e {
-                Example::Text(_, l) | Example::Vector(_, l) => l == p,
-            })
+            .filter(|(e, p)| e.label() == *p)
             .count();
         progress(
-            ((done + 1) * options.batch_size).min(examples.len()) as u64,
-            total,
+            ((done + 1) * batch_size).min(examples.len()) as u64,
+            examples.len() as u64,
         );
     }
-    Ok((correct, examples.len()))
+    Ok(correct)
 }
 
 pub(crate) enum Classifier<'a> {

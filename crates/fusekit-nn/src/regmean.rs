@@ -79,8 +79,15 @@ pub fn grams(model: &str, data: &Path, options: &RegMeanOptions) -> Result<BTree
 }
 
 /// `W*` of one linear layer from each model's weight `[out, in]` and Gram.
+///
+/// An input feature that no example of any model ever reached (a dead ReLU unit) has an
+/// all-zero row in every Gram, which makes the system singular; its weight column is the plain
+/// average of the models' columns instead (a unit diagonal in each Gram).
 pub fn merge_linear(weights: &[Tensor], grams: &[&Gram], alpha: f64) -> Result<Tensor> {
     let (out, inp) = weights[0].dims2()?;
+    let dead: Vec<bool> = (0..inp)
+        .map(|i| grams.iter().all(|g| g.sum[i * inp + i] == 0.0))
+        .collect();
     let mut a = Mat::<f64>::zeros(inp, inp);
     let mut b = Mat::<f64>::zeros(inp, out);
     for (w, g) in weights.iter().zip(grams) {
@@ -89,7 +96,11 @@ pub fn merge_linear(weights: &[Tensor], grams: &[&Gram], alpha: f64) -> Result<T
         let regularized = Mat::<f64>::from_fn(inp, inp, |r, c| {
             let v = g.sum[r * inp + c] * scale;
             if r == c {
-                v
+                if dead[r] {
+                    1.0
+                } else {
+                    v
+                }
             } else {
                 alpha * v
             }

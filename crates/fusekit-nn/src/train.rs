@@ -3,7 +3,7 @@
 //! when the model has none for this task, and a pattern choosing which tensors train (the rest
 //! stay frozen, e.g. the lower layers of an encoder).
 
-use crate::eval::{read_examples, Classifier};
+use crate::eval::{read_examples, Classifier, Example};
 use crate::models::mlp;
 use crate::ops::cross_entropy;
 use crate::weights::{is_head, save_with, Weights};
@@ -53,10 +53,38 @@ pub struct TrainReport {
     pub seconds: f64,
 }
 
-/// Fine-tunes `model` on `data` and writes the result to `out` (with `finetune.json`).
+/// Fine-tunes `model` on the JSONL file `data` and writes the result to `out` (with
+/// `finetune.json`).
 pub fn finetune(
     model: &str,
     data: &Path,
+    out: &Path,
+    options: &TrainOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<TrainReport> {
+    let examples = read_examples(data, Some(options.examples))?;
+    if examples.is_empty() {
+        return Err(Error::model(
+            data.display().to_string(),
+            "holds no examples",
+        ));
+    }
+    finetune_examples(
+        model,
+        &examples,
+        &data.display().to_string(),
+        out,
+        options,
+        progress,
+    )
+}
+
+/// Fine-tunes `model` on `examples` (described as `data` in `finetune.json`) and writes the
+/// result to `out`.
+pub fn finetune_examples(
+    model: &str,
+    examples: &[Example],
+    data: &str,
     out: &Path,
     options: &TrainOptions,
     progress: &dyn Fn(u64, u64),
@@ -68,13 +96,10 @@ pub fn finetune(
         crate::memory::parameters(model)?,
         crate::memory::FINETUNE_COPIES,
     )?;
-    let examples = read_examples(data, Some(options.examples))?;
     if examples.is_empty() {
-        return Err(Error::model(
-            data.display().to_string(),
-            "holds no examples",
-        ));
+        return Err(Error::model(data, "holds no examples"));
     }
+    let examples = &examples[..examples.len().min(options.examples)];
     let labels = options.num_labels.unwrap_or_else(|| {
         examples
             .iter()
@@ -138,7 +163,8 @@ pub fn finetune(
         trained_tensors: vars.len(),
         seconds: started.elapsed().as_secs_f64(),
     };
-    let about = serde_json::json!({"model": model, "data": data.display().to_string(), "options": options, "report": report});
+    let about =
+        serde_json::json!({"model": model, "data": data, "options": options, "report": report});
     let mut files = vec![(
         "finetune.json",
         serde_json::to_string_pretty(&about).expect("plain JSON") + "\n",

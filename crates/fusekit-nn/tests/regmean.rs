@@ -253,3 +253,63 @@ fn regmean_merges_decoders_on_text() {
     .unwrap();
     assert!(report.value.is_finite() && report.value > 1.0);
 }
+
+/// A feature that no input reached in any model (a dead ReLU unit) gets the models' mean column;
+/// the live features still solve the closed form restricted to them.
+#[test]
+fn dead_features_are_averaged() {
+    use fusekit_nn::regmean::merge_linear;
+    use fusekit_nn::weights::Gram;
+    // Feature 2 of 3 is never non-zero.
+    let inputs: [Vec<Vec<f64>>; 2] = [
+        vec![
+            vec![1.0, 2.0, 0.0],
+            vec![0.5, -1.0, 0.0],
+            vec![2.0, 0.0, 0.0],
+        ],
+        vec![vec![-1.0, 1.0, 0.0], vec![3.0, 1.0, 0.0]],
+    ];
+    let gram = |xs: &Vec<Vec<f64>>| Gram {
+        dim: 3,
+        rows: xs.len() as u64,
+        sum: (0..9)
+            .map(|k| xs.iter().map(|x| x[k / 3] * x[k % 3]).sum())
+            .collect(),
+    };
+    let grams: Vec<Gram> = inputs.iter().map(gram).collect();
+    let weights: Vec<Matrix> = vec![
+        vec![vec![1.0, 2.0, 3.0], vec![-1.0, 0.5, 4.0]],
+        vec![vec![0.0, 1.0, -1.0], vec![2.0, 2.0, 0.0]],
+    ];
+    let tensors: Vec<Tensor> = weights
+        .iter()
+        .map(|w| {
+            let flat: Vec<f32> = w.iter().flatten().map(|&v| v as f32).collect();
+            Tensor::from_vec(flat, (2, 3), &Device::Cpu).unwrap()
+        })
+        .collect();
+    let merged = matrix(&merge_linear(&tensors, &grams.iter().collect::<Vec<_>>(), 0.9).unwrap());
+    let live: Vec<Matrix> = weights
+        .iter()
+        .map(|w| w.iter().map(|r| r[..2].to_vec()).collect())
+        .collect();
+    let live_inputs: Vec<Vec<Vec<f64>>> = inputs
+        .iter()
+        .map(|xs| xs.iter().map(|x| x[..2].to_vec()).collect())
+        .collect();
+    let expected = closed_form(&live, &live_inputs, 0.9);
+    for r in 0..2 {
+        for c in 0..2 {
+            assert!(
+                (merged[r][c] - expected[r][c]).abs() < 1e-4,
+                "{merged:?} vs {expected:?}"
+            );
+        }
+        let mean = (weights[0][r][2] + weights[1][r][2]) / 2.0;
+        assert!(
+            (merged[r][2] - mean).abs() < 1e-6,
+            "dead column {r}: {}",
+            merged[r][2]
+        );
+    }
+}

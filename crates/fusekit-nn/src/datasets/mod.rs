@@ -2,8 +2,11 @@
 //! (`{"text" | "input", "label"}`), with seeded train/test splits. Each source is installed
 //! offline from a package registry (`shared/specs/real-data.md`); nothing is downloaded here.
 
+pub mod pickle;
+pub mod vision;
 pub mod wordnet;
 
+use crate::eval::Example;
 use crate::Result;
 use std::path::Path;
 
@@ -12,6 +15,30 @@ use std::path::Path;
 pub struct Labelled {
     pub text: String,
     pub label: u32,
+}
+
+impl From<Labelled> for Example {
+    fn from(l: Labelled) -> Example {
+        Example::Text(l.text, l.label)
+    }
+}
+
+/// Writes examples as JSONL lines `{"text" | "input", "label"}`.
+pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
+    let text: String = examples
+        .iter()
+        .map(|e| {
+            let line = match e {
+                Example::Text(text, label) => serde_json::json!({"text": text, "label": label}),
+                Example::Vector(input, label) => {
+                    serde_json::json!({"input": input, "label": label})
+                }
+            };
+            line.to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(path, text).map_err(|e| fusekit::Error::io(path, e))?;
+    Ok(())
 }
 
 /// Writes `train` and `test` examples of a task to `dir/NAME.train.jsonl` and `.test.jsonl`.
