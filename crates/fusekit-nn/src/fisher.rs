@@ -241,7 +241,12 @@ pub fn write_fisher(
         "sum": total,
     });
     let about = serde_json::to_string_pretty(&about).expect("plain JSON") + "\n";
-    save_with(out, &config, &fisher, &[("fisher.json", about)])?;
+    save_with(
+        out,
+        &config,
+        &fisher,
+        &[("fisher.json", about.into_bytes())],
+    )?;
     Ok(())
 }
 

@@ -18,11 +18,12 @@ use crate::coefficients::{experts_of, method_of, DataFile, Expert, LearnedModel}
 use crate::eval::{read_examples, Classifier};
 use crate::models::llama::Llama;
 use crate::text::TextEncoder;
-use crate::weights::{save_with, Gram, Weights};
+use crate::weights::{save_as, Gram, Weights};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use faer::linalg::solvers::Solve;
 use faer::Mat;
+use fusekit::dtype::Dtype;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -34,6 +35,8 @@ pub struct RegMeanOptions {
     pub examples: usize,
     pub batch_size: usize,
     pub max_len: usize,
+    /// How the merged weights are stored (the config's `dtype`): solved in f64, rounded once.
+    pub dtype: String,
 }
 
 impl Default for RegMeanOptions {
@@ -43,6 +46,7 @@ impl Default for RegMeanOptions {
             examples: 256,
             batch_size: 16,
             max_len: 128,
+            dtype: "float32".into(),
         }
     }
 }
@@ -164,18 +168,18 @@ pub fn regmean(
     }
     let mut files = vec![(
         "regmean.json",
-        serde_json::to_string_pretty(&serde_json::json!({
+        (serde_json::to_string_pretty(&serde_json::json!({
             "method": "regmean",
             "options": options,
             "models": models.iter().map(|m| serde_json::json!({"model": m.model, "data": m.data})).collect::<Vec<_>>(),
         }))
         .expect("plain JSON")
-            + "\n",
+            + "\n")
+            .into_bytes(),
     )];
     files.extend(crate::weights::tokenizer_files(&first.model)?);
-    let mut config = loaded[0].config.clone();
-    config["torch_dtype"] = "float32".into();
-    save_with(out, &config, &merged, &files)?;
+    let dtype = Dtype::from_config(&options.dtype)?;
+    save_as(out, &loaded[0].config, &merged, &files, dtype)?;
     progress(models.len() as u64 + 1, models.len() as u64 + 1);
     Ok(())
 }
@@ -189,6 +193,8 @@ struct RegMeanConfig {
     data: BTreeMap<String, DataFile>,
     #[serde(default)]
     parameters: RegMeanParameters,
+    #[serde(default)]
+    dtype: Option<String>,
 }
 
 #[derive(Default, serde::Deserialize)]
@@ -201,7 +207,7 @@ struct RegMeanParameters {
 }
 
 /// The models and settings of a `merge_method: regmean` config (`data: {MODEL: {file}}`,
-/// `parameters: {alpha, examples, batch_size, max_len}`); `None` for other methods.
+/// `parameters: {alpha, examples, batch_size, max_len}`, `dtype`); `None` for other methods.
 pub fn regmean_config(text: &str) -> Result<Option<(Vec<Expert>, RegMeanOptions)>> {
     if method_of(text) != Some("regmean") {
         return Ok(None);
@@ -215,7 +221,10 @@ pub fn regmean_config(text: &str) -> Result<Option<(Vec<Expert>, RegMeanOptions)
         examples: p.examples.unwrap_or(defaults.examples),
         batch_size: p.batch_size.unwrap_or(defaults.batch_size),
         max_len: p.max_len.unwrap_or(defaults.max_len),
+        dtype: config.dtype.clone().unwrap_or(defaults.dtype),
     };
+    Dtype::from_config(&options.dtype)
+        .map_err(|e| Error::model("config: `dtype`", e.to_string()))?;
     if !(0.0..=1.0).contains(&options.alpha) {
         return Err(Error::model(
             "config",

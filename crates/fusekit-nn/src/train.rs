@@ -167,11 +167,28 @@ pub fn finetune_examples(
         serde_json::json!({"model": model, "data": data, "options": options, "report": report});
     let mut files = vec![(
         "finetune.json",
-        serde_json::to_string_pretty(&about).expect("plain JSON") + "\n",
+        (serde_json::to_string_pretty(&about).expect("plain JSON") + "\n").into_bytes(),
     )];
     files.extend(crate::weights::tokenizer_files(model)?);
     save_with(out, &trainable.config, &tensors, &files)?;
     Ok(report)
+}
+
+/// Writes `model` with a fresh head of `labels` classes to `out`: the common starting point of
+/// experts that will be merged (a merge needs every model, the base included, to have the same
+/// tensors).
+pub fn add_head(model: &str, labels: usize, seed: u64, out: &Path) -> Result<()> {
+    let w = with_head(&Weights::load(model, &Device::Cpu, false)?, labels, seed)?;
+    let tensors: Vec<(String, Tensor)> = w
+        .tensors()
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
+    save_with(
+        out,
+        &w.config,
+        &tensors,
+        &crate::weights::tokenizer_files(model)?,
+    )
 }
 
 /// `w` with a head of `labels` classes: its own if it has one of that size, else a fresh one

@@ -4,6 +4,7 @@
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use fusekit::checkpoint::Checkpoint;
+use fusekit::dtype::Dtype;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
@@ -196,13 +197,13 @@ pub fn model_dir(reference: &str) -> Result<std::path::PathBuf> {
     Ok(Checkpoint::open(reference)?.dir)
 }
 
-/// The tokenizer files (and generation config) of a model, by name and text, to write beside a
-/// model derived from it.
-pub fn tokenizer_files(reference: &str) -> Result<Vec<(&'static str, String)>> {
+/// The tokenizer files (and generation config) of a model, by name and bytes (a SentencePiece
+/// `tokenizer.model` is binary), to write beside a model derived from it.
+pub fn tokenizer_files(reference: &str) -> Result<Vec<(&'static str, Vec<u8>)>> {
     let dir = model_dir(reference)?;
     Ok(fusekit::write::TOKENIZER_FILES
         .iter()
-        .filter_map(|&name| Some((name, std::fs::read_to_string(dir.join(name)).ok()?)))
+        .filter_map(|&name| Some((name, std::fs::read(dir.join(name)).ok()?)))
         .collect())
 }
 
@@ -215,13 +216,36 @@ pub fn save(
     save_with(out, config, tensors, &[])
 }
 
-/// [`save`], with more small files (name, text) in the directory.
+/// [`save`], with more small files (name, bytes) in the directory.
 pub fn save_with(
     out: &std::path::Path,
     config: &serde_json::Value,
     tensors: &[(String, Tensor)],
-    files: &[(&str, String)],
+    files: &[(&str, Vec<u8>)],
 ) -> Result<()> {
+    save_as(out, config, tensors, files, Dtype::F32)
+}
+
+/// [`save_with`], storing the tensors in `dtype` (f32, bf16 or f16, rounded to nearest even as
+/// the merge engine does) and naming it as `torch_dtype` in the config.
+pub fn save_as(
+    out: &std::path::Path,
+    config: &serde_json::Value,
+    tensors: &[(String, Tensor)],
+    files: &[(&str, Vec<u8>)],
+    dtype: Dtype,
+) -> Result<()> {
+    let stored = match dtype {
+        Dtype::F32 => safetensors::Dtype::F32,
+        Dtype::BF16 => safetensors::Dtype::BF16,
+        Dtype::F16 => safetensors::Dtype::F16,
+        other => {
+            return Err(Error::model(
+                out.display().to_string(),
+                format!("cannot store weights as {other}"),
+            ))
+        }
+    };
     let staging = fusekit::write::Staging::new(out)?;
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
@@ -230,14 +254,14 @@ pub fn save_with(
                 .flatten_all()?
                 .to_dtype(candle_core::DType::F32)?
                 .to_vec1::<f32>()?;
-            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let mut bytes = vec![0u8; values.len() * dtype.size()];
+            fusekit::kernels::convert::encode(dtype, &values, &mut bytes);
             Ok((name.clone(), t.dims().to_vec(), bytes))
         })
         .collect::<Result<_>>()?;
     let views = data.iter().map(|(name, shape, bytes)| {
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .expect("shape and bytes agree");
+        let view = safetensors::tensor::TensorView::new(stored, shape.clone(), bytes)
+            .expect("shape and bytes agree");
         (name.as_str(), view)
     });
     let path = staging.dir.join(fusekit::checkpoint::SINGLE_FILE);
@@ -248,11 +272,15 @@ pub fn save_with(
     safetensors::tensor::serialize_to_file(views, metadata, &path)
         .map_err(|e| Error::model(path.display().to_string(), e.to_string()))?;
     let config_path = staging.dir.join(fusekit::checkpoint::CONFIG_FILE);
-    let text = serde_json::to_string_pretty(config).expect("plain JSON");
+    let mut config = config.clone();
+    if let Some(object) = config.as_object_mut() {
+        object.insert("torch_dtype".into(), dtype.torch_name().into());
+    }
+    let text = serde_json::to_string_pretty(&config).expect("plain JSON");
     std::fs::write(&config_path, text).map_err(|e| fusekit::Error::io(&config_path, e))?;
-    for (name, text) in files {
+    for (name, bytes) in files {
         let path = staging.dir.join(name);
-        std::fs::write(&path, text).map_err(|e| fusekit::Error::io(&path, e))?;
+        std::fs::write(&path, bytes).map_err(|e| fusekit::Error::io(&path, e))?;
     }
     staging.commit(out)?;
     Ok(())

@@ -313,3 +313,62 @@ fn dead_features_are_averaged() {
         );
     }
 }
+
+/// `dtype: bfloat16` stores the f32 solution rounded once (round to nearest even, as the merge
+/// engine rounds), and a binary SentencePiece `tokenizer.model` travels with the merged model.
+#[test]
+fn regmean_stores_the_requested_dtype_and_copies_binary_tokenizers() {
+    use fusekit_nn::regmean::regmean_config;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let xs: Vec<[f32; D]> = (0..12)
+        .map(|i| std::array::from_fn(|j| ((i * D + j) % 7) as f32 / 7.0 - 0.3))
+        .collect();
+    let (_, da) = model(&d.join("a"), 3, &xs);
+    let (_, db) = model(&d.join("b"), 4, &xs);
+    let sentencepiece: Vec<u8> = (0..=255u8).rev().chain([0, 0xff, 0x80]).collect();
+    std::fs::write(d.join("a/tokenizer.model"), &sentencepiece).unwrap();
+    let config = |dtype: &str| {
+        format!(
+            "merge_method: regmean\nmodels:\n  - model: {a}\n  - model: {b}\ndata:\n  {a}: {{file: {da}}}\n  {b}: {{file: {db}}}\ndtype: {dtype}\n",
+            a = d.join("a").display(),
+            b = d.join("b").display(),
+        )
+    };
+    for (dtype, out) in [("float32", "f32"), ("bfloat16", "bf16")] {
+        let (models, options) = regmean_config(&config(dtype)).unwrap().unwrap();
+        regmean(&models, &d.join(out), &options, &|_, _| {}).unwrap();
+    }
+    let header = |out: &str| {
+        let bytes = std::fs::read(d.join(out).join("model.safetensors")).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        meta.tensors()["trunk.0.weight"].dtype
+    };
+    assert_eq!(header("bf16"), safetensors::Dtype::BF16);
+    let config_json = std::fs::read_to_string(d.join("bf16/config.json")).unwrap();
+    assert!(
+        config_json.contains("\"torch_dtype\": \"bfloat16\""),
+        "{config_json}"
+    );
+    let load = |out: &str| {
+        Weights::load(d.join(out).to_str().unwrap(), &Device::Cpu, false)
+            .unwrap()
+            .get("trunk.0.weight", &[H, D])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let rounded: Vec<f32> = load("f32")
+        .iter()
+        .map(|&v| fusekit::kernels::convert::round_to(fusekit::dtype::Dtype::BF16, v))
+        .collect();
+    assert_eq!(load("bf16"), rounded);
+    assert_eq!(
+        std::fs::read(d.join("bf16/tokenizer.model")).unwrap(),
+        sentencepiece
+    );
+    let bad = regmean_config(&config("int8")).unwrap_err().to_string();
+    assert!(bad.contains("dtype") && bad.contains("int8"), "{bad}");
+}

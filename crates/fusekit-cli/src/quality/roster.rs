@@ -170,12 +170,7 @@ pub fn settings(
             format!("parameters: {{{}}}\n", parts.join(", "))
         }
     };
-    // RegMean writes its model itself, in f32, and takes no `dtype`.
-    let dtype = if entry.method == "regmean" {
-        ""
-    } else {
-        "dtype: float32\n"
-    };
+    let dtype = "dtype: float32\n";
     match entry.scale {
         None => vec![Setting {
             label: String::new(),
@@ -211,10 +206,10 @@ mod tests {
         let roster = roster();
         let ties = roster.iter().find(|e| e.method == "ties").unwrap();
         let experts = ["a".to_string(), "b".to_string()];
-        let settings = settings(ties, "base", &experts, &[], "");
-        assert_eq!(settings.len(), SCALES.len());
-        assert!(settings[1].yaml.contains("parameters: {lambda: 0.5}"));
-        assert!(settings[1].yaml.contains("base_model: base"));
+        let tried = settings(ties, "base", &experts, &[], "");
+        assert_eq!(tried.len(), SCALES.len());
+        assert!(tried[1].yaml.contains("parameters: {lambda: 0.5}"));
+        assert!(tried[1].yaml.contains("base_model: base"));
         let fisher = roster.iter().find(|e| e.method == "fisher").unwrap();
         let files = ["a.jsonl".to_string(), "b.jsonl".to_string()];
         let yaml = &settings(fisher, "base", &experts, &files, "steps: 3")[0].yaml;

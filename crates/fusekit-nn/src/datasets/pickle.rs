@@ -356,7 +356,7 @@ mod tests {
     /// `((x, y),)` as Python 2's `cPickle.dumps(..., 2)` writes numpy arrays, built by hand.
     fn arrays_pickle() -> Vec<u8> {
         let mut p = vec![0x80, 2];
-        let mut push_array = |p: &mut Vec<u8>, shape: &[u8], kind: &str, raw: &[u8]| {
+        let push_array = |p: &mut Vec<u8>, shape: &[u8], kind: &str, raw: &[u8]| {
             p.extend(b"cnumpy.core.multiarray\n_reconstruct\nq\x01");
             p.extend(b"cnumpy\nndarray\nq\x02K\x00\x85U\x01b\x87R(K\x01(");
             for d in shape {
