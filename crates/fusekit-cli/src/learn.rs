@@ -39,7 +39,7 @@ pub fn prepare(config: &Path, out: &Path, quiet: bool, force: bool) -> Result<Pr
         bar.finish_and_clear();
         return Ok(Prepared::Written);
     }
-    Ok(Prepared::Merge(learn(config, &text, out, quiet)?))
+    learn(config, &text, out, quiet, force)
 }
 
 fn progress_bar(quiet: bool, what: &str) -> ProgressBar {
@@ -49,21 +49,42 @@ fn progress_bar(quiet: bool, what: &str) -> ProgressBar {
     )
 }
 
-/// The config to merge: `config` itself, or the learned config it leads to.
-fn learn(config: &Path, text: &str, out: &Path, quiet: bool) -> Result<PathBuf> {
+/// The config to merge: `config` itself, or the learned config it leads to; or nothing, when
+/// chunked coefficients had the runtime write OUT itself.
+fn learn(config: &Path, text: &str, out: &Path, quiet: bool, force: bool) -> Result<Prepared> {
+    let chunked = ["chunks:", "chunk_budget:"]
+        .iter()
+        .any(|k| text.contains(k));
+    if chunked && out.exists() && !force {
+        anyhow::bail!(
+            "output {}: already exists (use --force to replace it)",
+            out.display()
+        );
+    }
     let bar = progress_bar(quiet, "learning coefficients");
-    let learned = fusekit_nn::coefficients::learned_config(text, &crate::moves(&bar))?;
+    let learned = fusekit_nn::coefficients::learned_config(text, out, &crate::moves(&bar))?;
     bar.finish_and_clear();
-    let Some((yaml, learned)) = learned else {
-        return fisher(config, text, out, quiet);
+    let Some(learned) = learned else {
+        return Ok(Prepared::Merge(fisher(config, text, out, quiet)?));
+    };
+    if !quiet {
+        print_coefficients(&learned.learned.coefficients);
+    }
+    let Some(yaml) = learned.config else {
+        if !quiet {
+            eprintln!(
+                "chunked coefficients: {}",
+                out.join("learned.json").display()
+            );
+        }
+        return Ok(Prepared::Written);
     };
     let path = beside(out, ".learned.yml");
     std::fs::write(&path, &yaml)?;
     if !quiet {
-        print_coefficients(&learned.coefficients);
         eprintln!("learned config: {}", path.display());
     }
-    Ok(path)
+    Ok(Prepared::Merge(path))
 }
 
 /// `OUT` with `suffix` added to its name.
@@ -94,8 +115,9 @@ fn fisher(config: &Path, text: &str, out: &Path, quiet: bool) -> Result<PathBuf>
     Ok(path)
 }
 
-/// What was learned, per model and layer (the mean over a layer's tensors; `*` for task-wise).
-fn print_coefficients(coefficients: &[std::collections::BTreeMap<String, f64>]) {
+/// What was learned, per model and layer (the mean over a layer's tensors and chunks; `*` for
+/// task-wise).
+fn print_coefficients(coefficients: &[std::collections::BTreeMap<String, Vec<f64>>]) {
     for (i, lambdas) in coefficients.iter().enumerate() {
         let mut layers: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
         for (name, value) in lambdas {
@@ -104,7 +126,7 @@ fn print_coefficients(coefficients: &[std::collections::BTreeMap<String, f64>]) 
                 None => name.clone(),
             };
             let entry = layers.entry(layer).or_default();
-            entry.0 += value;
+            entry.0 += value.iter().sum::<f64>() / value.len().max(1) as f64;
             entry.1 += 1;
         }
         eprintln!("model {i}:");

@@ -216,6 +216,20 @@ fn data_aware_merges_run_from_yaml() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(d.join("fm.fisher/0/fisher.json").is_file() && d.join("fm.fisher.yml").is_file());
+
+    // Expert Merging++'s chunked coefficients: the runtime writes OUT and `learned.json`.
+    std::fs::write(d.join("em.yml"), format!("merge_method: expert_merging\nbase_model: base\nmodels:\n  - model: a\n  - model: b\n{data}parameters: {{steps: 3, chunks: 4}}\ndtype: bfloat16\n")).unwrap();
+    let run = fusekit(&["merge", "--quiet", "em.yml", "em"], d);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(d.join("em/learned.json").is_file() && !d.join("em.learned.yml").exists());
+    let config = std::fs::read_to_string(d.join("em/config.json")).unwrap();
+    assert!(config.contains("\"torch_dtype\": \"bfloat16\""), "{config}");
+    let again = fusekit(&["merge", "--quiet", "em.yml", "em"], d);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 }
 
 /// The small quality benchmark (three digits tasks, which ship inside the binary) produces a

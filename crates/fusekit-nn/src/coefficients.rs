@@ -13,14 +13,23 @@
 //!   per task and 2-D weight matrix (embeddings, norms, biases and heads keep the base), a
 //!   initialised so that c = 0.1, trained to match each expert's predictions on its own unlabeled
 //!   inputs (T²·CE(softmax(z_k/T), log_softmax(z/T))) plus λ_reg·Σ|c − init| / (coefficients per
-//!   task); AdamW, lr 0.5, weight decay 10⁻⁵. (One chunk per tensor: Expert Merging++'s chunked
-//!   coefficients are not built yet.)
+//!   task); AdamW, lr 0.5, weight decay 10⁻⁵. Optionally also the hidden states of chosen layers
+//!   are pulled towards the expert's: + w_h · mean_ℓ MSE(h^ℓ, h^ℓ_k) (`hidden_layers`,
+//!   `hidden_weight`, default 1; padding tokens left out).
+//! - **Expert Merging++**: a coefficient per contiguous chunk of a tensor (torch.chunk's
+//!   split: ⌈N/C⌉ elements a chunk, fewer chunks when N is small), either `chunks` for every
+//!   tensor or a `chunk_budget` shared out by importance: a first run with one coefficient per
+//!   tensor scores I_p = mean_k c_{p,k}·‖τ_{p,k}‖₂ / numel_p, and tensor p gets
+//!   max(1, round(budget · I_p / Σ I)) chunks (the spec's proposal: the paper does not give its
+//!   formula).
 //!
 //! Task heads (`classifier.*`, `head.*`) are never merged: each task keeps its expert's. What
 //! was learned is written out as a plain `task_arithmetic` config (one `filter` per tensor), so
-//! the merge itself is the streaming engine's and can be rerun without training.
+//! the merge itself is the streaming engine's and can be rerun without training. Chunked
+//! coefficients are finer than a config can say: that merge is written by the runtime, with
+//! every coefficient in `learned.json` beside the weights.
 
-use crate::eval::{read_examples, Classifier, Example};
+use crate::eval::{read_examples, Classifier, Example, Forward};
 use crate::ops::{cross_entropy, log_softmax_last_dim, softmax_last_dim};
 use crate::weights::{is_head, Weights};
 use crate::{Error, Result};
@@ -72,6 +81,22 @@ pub struct CoefficientOptions {
     /// Examples read per task (the first N of its file).
     pub examples: usize,
     pub max_len: usize,
+    /// Layers (indices into the hidden states: 0 the embeddings or input, ℓ the output of layer
+    /// ℓ) whose states the merged model matches to the expert's (distillation only).
+    pub hidden_layers: Vec<usize>,
+    /// Weight of that hidden-state term.
+    pub hidden_weight: f64,
+    pub chunks: Chunks,
+}
+
+/// How many coefficients each tensor gets per expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Chunks {
+    /// This many contiguous chunks of every tensor.
+    Each(usize),
+    /// Expert Merging++: this many in all, shared out by importance after a first run.
+    Budget(usize),
 }
 
 impl CoefficientOptions {
@@ -90,6 +115,9 @@ impl CoefficientOptions {
             batch_size: 16,
             examples: 256,
             max_len: 128,
+            hidden_layers: Vec::new(),
+            hidden_weight: 1.0,
+            chunks: Chunks::Each(1),
         }
     }
 
@@ -160,13 +188,22 @@ pub struct Expert {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Learned {
-    /// Per expert: λ by group (a tensor name, or `*` for task-wise).
-    pub coefficients: Vec<BTreeMap<String, f64>>,
+    /// Per expert: λ by group (a tensor name, or `*` for task-wise), one per chunk.
+    pub coefficients: Vec<BTreeMap<String, Vec<f64>>>,
     /// The objective at every step (summed over tasks).
     pub losses: Vec<f64>,
 }
 
 const TASK_GROUP: &str = "*";
+
+/// What the coefficients are trained on: the base, each expert with its examples, and the task
+/// vectors of the merged tensors.
+struct Problem {
+    base: Weights,
+    tasks: Vec<(Weights, Vec<Example>)>,
+    names: Vec<String>,
+    vectors: Vec<BTreeMap<String, Tensor>>,
+}
 
 /// Trains the coefficients of `experts` over `base`.
 pub fn learn(
@@ -175,6 +212,26 @@ pub fn learn(
     options: &CoefficientOptions,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Learned> {
+    let problem = load(base, experts, options)?;
+    match options.chunks {
+        Chunks::Each(n) => {
+            let counts = problem.names.iter().map(|n_| (n_.clone(), n)).collect();
+            train(&problem, &counts, options, progress)
+        }
+        Chunks::Budget(budget) => {
+            let whole = problem.names.iter().map(|n| (n.clone(), 1)).collect();
+            let first = train(&problem, &whole, options, &|done, total| {
+                progress(done, 2 * total)
+            })?;
+            let counts = allocate(&problem, &first, budget)?;
+            train(&problem, &counts, options, &|done, total| {
+                progress(total + done, 2 * total)
+            })
+        }
+    }
+}
+
+fn load(base: &str, experts: &[Expert], options: &CoefficientOptions) -> Result<Problem> {
     let device = Device::Cpu;
     crate::memory::check(
         base,
@@ -199,24 +256,116 @@ pub fn learn(
         return Err(Error::model(base, "has no tensor to merge"));
     }
     let vectors = task_vectors(&base_w, &tasks, &names)?;
-    // One trained value per (expert, group); a tensor-wise learner on task granularity with
-    // some tensors left out still lists its tensors one by one.
+    Ok(Problem {
+        base: base_w,
+        tasks,
+        names,
+        vectors,
+    })
+}
+
+/// Expert Merging++'s allocation of `budget` chunks over the tensors, by the importance the
+/// first run's coefficients give them.
+fn allocate(problem: &Problem, first: &Learned, budget: usize) -> Result<BTreeMap<String, usize>> {
+    let mut importance = BTreeMap::new();
+    for name in &problem.names {
+        let numel = problem.vectors[0][name].elem_count().max(1) as f64;
+        let mut sum = 0.0;
+        for (k, vectors) in problem.vectors.iter().enumerate() {
+            let c = first.coefficients[k]
+                .get(name)
+                .or_else(|| first.coefficients[k].get(TASK_GROUP))
+                .map_or(0.0, |c| c[0]);
+            let norm = vectors[name].sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            sum += c.abs() * norm.sqrt();
+        }
+        importance.insert(name.clone(), sum / problem.vectors.len() as f64 / numel);
+    }
+    let total: f64 = importance.values().sum();
+    Ok(importance
+        .into_iter()
+        .map(|(name, i)| {
+            let numel = problem.vectors[0][&name].elem_count().max(1);
+            let share = if total > 0.0 { i / total } else { 0.0 };
+            let chunks = ((budget as f64 * share).round() as usize).clamp(1, numel);
+            (name, chunks)
+        })
+        .collect())
+}
+
+/// torch.chunk's split of `n` elements into at most `chunks`: ⌈n / chunks⌉ a chunk.
+fn chunk_size(n: usize, chunks: usize) -> usize {
+    n.div_ceil(chunks.max(1)).max(1)
+}
+
+/// The chunk of every element, as an index into the coefficients.
+fn chunk_index(n: usize, chunks: usize, device: &Device) -> Result<Tensor> {
+    let size = chunk_size(n, chunks);
+    let index: Vec<u32> = (0..n).map(|i| (i / size) as u32).collect();
+    Ok(Tensor::from_vec(index, n, device)?)
+}
+
+/// `tv` scaled by its chunks' coefficients `c` (`[chunks]`).
+fn scale_chunks(tv: &Tensor, c: &Tensor, index: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match index {
+        None => tv.broadcast_mul(c)?,
+        Some(index) => {
+            let per_element = c.index_select(index, 0)?.reshape(tv.shape())?;
+            (tv * per_element)?
+        }
+    })
+}
+
+fn train(
+    problem: &Problem,
+    counts: &BTreeMap<String, usize>,
+    options: &CoefficientOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Learned> {
+    let device = Device::Cpu;
+    let Problem {
+        base: base_w,
+        tasks,
+        names,
+        vectors,
+    } = problem;
+    let chunked = counts.values().any(|&c| c > 1);
+    if chunked && options.granularity == Granularity::Task {
+        return Err(Error::model(
+            "config",
+            "chunked coefficients need `granularity: tensor`",
+        ));
+    }
+    // One trained vector per (expert, group): a group is a tensor, or every tensor (task-wise).
     let group = |name: &str| match options.granularity {
         Granularity::Task => TASK_GROUP.to_string(),
         Granularity::Tensor => name.to_string(),
     };
+    let count_of = |g: &str| counts.get(g).copied().unwrap_or(1).max(1);
+    let indices: BTreeMap<&str, Tensor> = names
+        .iter()
+        .filter(|n| count_of(n) > 1)
+        .map(|n| {
+            let numel = vectors[0][n].elem_count();
+            Ok((n.as_str(), chunk_index(numel, count_of(n), &device)?))
+        })
+        .collect::<Result<_>>()?;
     let mut raw: Vec<BTreeMap<String, Var>> = Vec::new();
-    for _ in experts {
+    for _ in tasks {
         let mut map = BTreeMap::new();
-        for name in &names {
-            if let std::collections::btree_map::Entry::Vacant(slot) = map.entry(group(name)) {
-                slot.insert(Var::new(options.raw(options.init) as f32, &device)?);
+        for name in names {
+            let g = group(name);
+            let chunks = count_of(&g);
+            if let std::collections::btree_map::Entry::Vacant(slot) = map.entry(g) {
+                let start = vec![options.raw(options.init) as f32; chunks];
+                slot.insert(Var::from_vec(start, chunks, &device)?);
             }
         }
         raw.push(map);
     }
     let all_vars: Vec<Var> = raw.iter().flat_map(|m| m.values().cloned()).collect();
-    let per_task = (all_vars.len() / experts.len().max(1)).max(1) as f64;
+    let per_task =
+        (all_vars.iter().map(|v| v.elem_count()).sum::<usize>() / tasks.len().max(1)).max(1) as f64;
     let mut optimizer = AdamW::new(
         all_vars,
         ParamsAdamW {
@@ -241,29 +390,37 @@ pub fn learn(
             // Tensors without a task vector (left out by `matrices_only`) keep the base.
             if vectors[0].contains_key(name) {
                 for (tv, c) in vectors.iter().zip(&coefficients) {
-                    theta = (theta + tv[name].broadcast_mul(&c[group(name).as_str()])?)?;
+                    let scaled =
+                        scale_chunks(&tv[name], &c[group(name).as_str()], indices.get(name))?;
+                    theta = (theta + scaled)?;
                 }
             }
             merged.insert(name.to_string(), theta);
         }
         let mut total = Tensor::new(0f32, &device)?;
-        for (w, examples) in &tasks {
+        for (w, examples) in tasks {
             let batch = batch_at(examples, step, options.batch_size);
             let mut values = merged.clone();
             for (name, t) in w.tensors().filter(|(n, _)| is_head(n)) {
                 values.insert(name.to_string(), t.clone());
             }
             let model = Weights::from_tensors(&w.reference, w.config.clone(), values);
-            let logits = Classifier::new(&model, options.max_len)?.logits(&batch)?;
+            let student = Classifier::new(&model, options.max_len)?.forward(&batch)?;
             let loss = match options.objective {
-                Objective::Entropy => entropy(&logits)?,
+                Objective::Entropy => entropy(&student.logits)?,
                 Objective::CrossEntropy => {
                     let labels: Vec<u32> = batch.iter().map(Example::label).collect();
-                    cross_entropy(&logits, &Tensor::new(labels, &device)?)?
+                    cross_entropy(&student.logits, &Tensor::new(labels, &device)?)?
                 }
                 Objective::Distill { temperature } => {
-                    let teacher = Classifier::new(w, options.max_len)?.logits(&batch)?;
-                    distillation(&logits, &teacher, temperature)?
+                    let teacher = Classifier::new(w, options.max_len)?.forward(&batch)?;
+                    let soft = distillation(&student.logits, &teacher.logits, temperature)?;
+                    if options.hidden_layers.is_empty() {
+                        soft
+                    } else {
+                        let hidden = hidden_alignment(&student, &teacher, &options.hidden_layers)?;
+                        (soft + (hidden * options.hidden_weight)?)?
+                    }
                 }
             };
             total = (total + loss)?;
@@ -271,7 +428,7 @@ pub fn learn(
         if options.regularizer > 0.0 {
             let mut pull = Tensor::new(0f32, &device)?;
             for c in coefficients.iter().flat_map(|m| m.values()) {
-                pull = (pull + (c - options.init)?.abs()?)?;
+                pull = (pull + (c - options.init)?.abs()?.sum_all()?)?;
             }
             total = (total + (pull * (options.regularizer / per_task))?)?;
         }
@@ -282,15 +439,21 @@ pub fn learn(
     let coefficients = raw
         .iter()
         .map(|m| {
-            let value = |g: &str| -> Result<f64> {
-                Ok(options.coefficient(m[g].as_tensor())?.to_scalar::<f32>()? as f64)
+            let value = |g: &str, used: usize| -> Result<Vec<f64>> {
+                let all = options.coefficient(m[g].as_tensor())?.to_vec1::<f32>()?;
+                Ok(all.iter().take(used).map(|&c| c as f64).collect())
             };
             if options.granularity == Granularity::Task && !options.matrices_only {
-                return Ok([(TASK_GROUP.to_string(), value(TASK_GROUP)?)].into());
+                return Ok([(TASK_GROUP.to_string(), value(TASK_GROUP, 1)?)].into());
             }
             names
                 .iter()
-                .map(|n| Ok((n.clone(), value(&group(n))?)))
+                .map(|n| {
+                    // torch.chunk makes fewer chunks than asked when a tensor is small.
+                    let numel = vectors[0][n].elem_count();
+                    let used = numel.div_ceil(chunk_size(numel, count_of(n))).max(1);
+                    Ok((n.clone(), value(&group(n), used)?))
+                })
                 .collect::<Result<BTreeMap<_, _>>>()
         })
         .collect::<Result<Vec<_>>>()?;
@@ -298,6 +461,37 @@ pub fn learn(
         coefficients,
         losses,
     })
+}
+
+/// Mean over `layers` of the mean squared difference of the student's and the teacher's hidden
+/// states (real tokens only).
+fn hidden_alignment(student: &Forward, teacher: &Forward, layers: &[usize]) -> Result<Tensor> {
+    let mut total = Tensor::new(0f32, student.logits.device())?;
+    for &l in layers {
+        let (Some(s), Some(t)) = (student.hidden_states.get(l), teacher.hidden_states.get(l))
+        else {
+            return Err(Error::model(
+                "config",
+                format!(
+                    "`parameters.hidden_layers`: {l} is past the model's {} hidden states",
+                    student.hidden_states.len()
+                ),
+            ));
+        };
+        let squared = (s - t.detach())?.sqr()?;
+        let width = *squared.dims().last().unwrap_or(&1) as f64;
+        let mse = match &student.mask {
+            Some(mask) => {
+                let mask = mask.to_dtype(candle_core::DType::F32)?;
+                let per_token = squared.sum(D::Minus1)?;
+                let count = mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+                ((per_token * &mask)?.sum_all()? / (count * width))?
+            }
+            None => squared.mean_all()?,
+        };
+        total = (total + mse)?;
+    }
+    Ok((total / layers.len() as f64)?)
 }
 
 /// The tensors a learned merge changes: everything but the heads, or only the 2-D weight
@@ -310,11 +504,11 @@ fn merged_tensors(base: &Weights, matrices_only: bool) -> Vec<String> {
 }
 
 /// τ = expert − base of every merged tensor, per expert.
-fn task_vectors<'a>(
+fn task_vectors(
     base: &Weights,
     tasks: &[(Weights, Vec<Example>)],
-    names: &'a [String],
-) -> Result<Vec<BTreeMap<&'a str, Tensor>>> {
+    names: &[String],
+) -> Result<Vec<BTreeMap<String, Tensor>>> {
     tasks
         .iter()
         .map(|(w, _)| {
@@ -323,7 +517,7 @@ fn task_vectors<'a>(
                 .map(|name| {
                     let theta0 = tensor_of(base, name)?;
                     let theta = w.get(name, theta0.dims())?;
-                    Ok((name.as_str(), (theta - &theta0)?))
+                    Ok((name.clone(), (theta - &theta0)?))
                 })
                 .collect()
         })
@@ -367,12 +561,13 @@ pub fn task_arithmetic_config(base: &str, experts: &[Expert], learned: &Learned)
     for (expert, lambdas) in experts.iter().zip(&learned.coefficients) {
         yaml.push_str(&format!("  - model: {}\n    parameters:\n", expert.model));
         match lambdas.get(TASK_GROUP) {
-            Some(l) => yaml.push_str(&format!("      weight: {l}\n")),
+            Some(l) => yaml.push_str(&format!("      weight: {}\n", l[0])),
             None => {
                 yaml.push_str("      weight:\n");
                 for (name, l) in lambdas {
                     yaml.push_str(&format!(
-                        "        - filter: \"{name}\"\n          value: {l}\n"
+                        "        - filter: \"{name}\"\n          value: {}\n",
+                        l[0]
                     ));
                 }
                 // Heads are not learned: they are not merged in use.
@@ -457,46 +652,51 @@ struct LearnParameters {
     regularizer: Option<f64>,
     /// Expert Merging's distillation temperature.
     temperature: Option<f64>,
+    /// Expert Merging's hidden-state alignment: layers and weight.
+    hidden_layers: Option<Vec<usize>>,
+    hidden_weight: Option<f64>,
+    /// Expert Merging++: chunks of every tensor, or a budget shared out by importance.
+    chunks: Option<usize>,
+    chunk_budget: Option<usize>,
 }
 
-/// For an `adamerging` or `atlas` config: learns the coefficients and returns the
-/// `task_arithmetic` config that merges with them (what was learned in its leading comments);
-/// `None` for any other method.
+/// What a learned merge leaves to do.
+pub struct LearnedMerge {
+    pub learned: Learned,
+    /// The `task_arithmetic` config that merges with the learned coefficients (what was learned
+    /// in its leading comments); `None` when they are chunked and the merged model was written
+    /// to OUT here.
+    pub config: Option<String>,
+}
+
+/// For an `adamerging | atlas | expert_merging` config: learns the coefficients; `None` for
+/// any other method.
 pub fn learned_config(
     text: &str,
+    out: &std::path::Path,
     progress: &dyn Fn(u64, u64),
-) -> Result<Option<(String, Learned)>> {
+) -> Result<Option<LearnedMerge>> {
     if !method_of(text).is_some_and(|m| fusekit::methods::LEARNED.contains(&m) && m != "regmean") {
         return Ok(None);
     }
     let config: LearnedMergeConfig =
         serde_saphyr::from_str(text).map_err(|e| Error::model("config", e.to_string()))?;
-    let mut options =
-        CoefficientOptions::for_method(&config.merge_method).expect("checked: a learned method");
-    let p = &config.parameters;
-    options.steps = p.steps.unwrap_or(options.steps);
-    options.learning_rate = p.learning_rate.unwrap_or(options.learning_rate);
-    options.init = p.init.unwrap_or(options.init);
-    options.batch_size = p.batch_size.unwrap_or(options.batch_size);
-    options.examples = p.examples.unwrap_or(options.examples);
-    options.max_len = p.max_len.unwrap_or(options.max_len);
-    options.weight_decay = p.weight_decay.unwrap_or(options.weight_decay);
-    options.regularizer = p.regularizer.unwrap_or(options.regularizer);
-    if let (Objective::Distill { temperature }, Some(t)) = (&mut options.objective, p.temperature) {
-        *temperature = t;
-    }
-    options.granularity = match p.granularity.as_deref() {
-        None | Some("tensor") => Granularity::Tensor,
-        Some("task") => Granularity::Task,
-        Some(other) => {
-            return Err(Error::model(
-                "config",
-                format!("`parameters.granularity`: `{other}` is neither `task` nor `tensor`"),
-            ))
-        }
-    };
+    let options = options_of(&config)?;
     let experts = experts_of(&config.merge_method, &config.models, &config.data)?;
     let learned = learn(&config.base_model, &experts, &options, progress)?;
+    let chunked = learned
+        .coefficients
+        .iter()
+        .any(|m| m.values().any(|c| c.len() > 1));
+    if chunked {
+        let dtype =
+            fusekit::dtype::Dtype::from_config(config.dtype.as_deref().unwrap_or("float32"))?;
+        write_chunked(&config, &experts, &learned, &options, out, dtype)?;
+        return Ok(Some(LearnedMerge {
+            learned,
+            config: None,
+        }));
+    }
     let mut yaml = format!(
         "# Learned by fusekit {} ({:?} objective, {:?} coefficients): {} steps, objective {:.6} → {:.6}.\n# Rerun this merge without training: fusekit merge THIS_FILE OUT\n",
         config.merge_method,
@@ -514,5 +714,104 @@ pub fn learned_config(
     if let Some(dtype) = &config.dtype {
         yaml.push_str(&format!("dtype: {dtype}\n"));
     }
-    Ok(Some((yaml, learned)))
+    Ok(Some(LearnedMerge {
+        learned,
+        config: Some(yaml),
+    }))
+}
+
+/// The method's defaults with the config's `parameters` over them.
+fn options_of(config: &LearnedMergeConfig) -> Result<CoefficientOptions> {
+    let mut options =
+        CoefficientOptions::for_method(&config.merge_method).expect("checked: a learned method");
+    let p = &config.parameters;
+    options.steps = p.steps.unwrap_or(options.steps);
+    options.learning_rate = p.learning_rate.unwrap_or(options.learning_rate);
+    options.init = p.init.unwrap_or(options.init);
+    options.batch_size = p.batch_size.unwrap_or(options.batch_size);
+    options.examples = p.examples.unwrap_or(options.examples);
+    options.max_len = p.max_len.unwrap_or(options.max_len);
+    options.weight_decay = p.weight_decay.unwrap_or(options.weight_decay);
+    options.regularizer = p.regularizer.unwrap_or(options.regularizer);
+    let bad = |m: String| Error::model("config", m);
+    if let Objective::Distill { temperature } = &mut options.objective {
+        *temperature = p.temperature.unwrap_or(*temperature);
+        options.hidden_layers = p.hidden_layers.clone().unwrap_or_default();
+        options.hidden_weight = p.hidden_weight.unwrap_or(options.hidden_weight);
+    } else if p.temperature.is_some() || p.hidden_layers.is_some() || p.hidden_weight.is_some() {
+        return Err(bad(format!(
+            "`parameters`: temperature and hidden_layers belong to expert_merging, not `{}`",
+            config.merge_method
+        )));
+    }
+    options.chunks = match (p.chunks, p.chunk_budget) {
+        (None, None) => options.chunks,
+        (Some(n), None) if n >= 1 => Chunks::Each(n),
+        (None, Some(b)) if b >= 1 => Chunks::Budget(b),
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "`parameters`: give `chunks` or `chunk_budget`, not both".into(),
+            ))
+        }
+        _ => return Err(bad("`parameters`: chunk counts must be at least 1".into())),
+    };
+    options.granularity = match p.granularity.as_deref() {
+        None | Some("tensor") => Granularity::Tensor,
+        Some("task") => Granularity::Task,
+        Some(other) => {
+            return Err(bad(format!(
+                "`parameters.granularity`: `{other}` is neither `task` nor `tensor`"
+            )))
+        }
+    };
+    Ok(options)
+}
+
+/// Writes base + Σ_k τ_k scaled chunk by chunk to `out` (heads from the base, as the config
+/// path leaves them), with every coefficient in `learned.json`.
+fn write_chunked(
+    config: &LearnedMergeConfig,
+    experts: &[Expert],
+    learned: &Learned,
+    options: &CoefficientOptions,
+    out: &std::path::Path,
+    dtype: fusekit::dtype::Dtype,
+) -> Result<()> {
+    let device = Device::Cpu;
+    let problem = load(&config.base_model, experts, options)?;
+    let mut tensors = Vec::new();
+    for (name, t) in problem.base.tensors() {
+        let mut theta = t.clone();
+        for (k, vectors) in problem.vectors.iter().enumerate() {
+            let Some(tv) = vectors.get(name) else {
+                continue;
+            };
+            let c = learned.coefficients[k]
+                .get(name)
+                .or_else(|| learned.coefficients[k].get(TASK_GROUP))
+                .ok_or_else(|| Error::model(name, "has no learned coefficient"))?;
+            let values: Vec<f32> = c.iter().map(|&v| v as f32).collect();
+            let index = (c.len() > 1)
+                .then(|| chunk_index(tv.elem_count(), c.len(), &device))
+                .transpose()?;
+            let c = Tensor::from_vec(values, c.len(), &device)?;
+            theta = (theta + scale_chunks(tv, &c, index.as_ref())?)?;
+        }
+        tensors.push((name.to_string(), theta));
+    }
+    let about = serde_json::json!({
+        "method": config.merge_method,
+        "base_model": config.base_model,
+        "options": options,
+        "models": experts.iter().zip(&learned.coefficients).map(|(e, c)| serde_json::json!({
+            "model": e.model, "data": e.data, "coefficients": c,
+        })).collect::<Vec<_>>(),
+        "losses": learned.losses,
+    });
+    let mut files = vec![(
+        "learned.json",
+        (serde_json::to_string_pretty(&about).expect("plain JSON") + "\n").into_bytes(),
+    )];
+    files.extend(crate::weights::tokenizer_files(&config.base_model)?);
+    crate::weights::save_as(out, &problem.base.config, &tensors, &files, dtype)
 }

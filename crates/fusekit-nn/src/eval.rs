@@ -296,6 +296,11 @@ impl<'a> Classifier<'a> {
 
     /// Class logits `[batch, classes]`.
     pub(crate) fn logits(&self, batch: &[Example]) -> Result<Tensor> {
+        Ok(self.forward(batch)?.logits)
+    }
+
+    /// Logits with the hidden states behind them.
+    pub(crate) fn forward(&self, batch: &[Example]) -> Result<Forward> {
         match self {
             Classifier::Encoder(bert, encoder, w, pooling) => {
                 let texts: Vec<&str> = batch
@@ -321,7 +326,11 @@ impl<'a> Classifier<'a> {
                 let weight = w.get("classifier.weight", &[labels, h])?;
                 w.observe_input("classifier.weight", &pooled)?;
                 let bias = w.get("classifier.bias", &[labels])?;
-                linear(&pooled, &weight, Some(&bias))
+                Ok(Forward {
+                    logits: linear(&pooled, &weight, Some(&bias))?,
+                    hidden_states: out.hidden_states,
+                    mask: Some(tokens.mask),
+                })
             }
             Classifier::Mlp(mlp) => {
                 let width = mlp.config.trunk_sizes[0];
@@ -338,10 +347,26 @@ impl<'a> Classifier<'a> {
                     }
                 }
                 let x = Tensor::from_vec(flat, (batch.len(), width), &Device::Cpu)?;
-                mlp.forward(&x)
+                let hidden_states = mlp.hidden_states(&x)?;
+                Ok(Forward {
+                    logits: mlp.head(hidden_states.last().expect("starts with the input"))?,
+                    hidden_states,
+                    mask: None,
+                })
             }
         }
     }
+}
+
+/// A classifier's outputs for a batch.
+pub struct Forward {
+    /// `[batch, classes]`
+    pub(crate) logits: Tensor,
+    /// The input representation, then each layer's output: `[batch, seq, hidden]` for an
+    /// encoder, `[batch, width]` for an MLP.
+    pub(crate) hidden_states: Vec<Tensor>,
+    /// `[batch, seq]`, 1 for real tokens (encoders only).
+    pub(crate) mask: Option<Tensor>,
 }
 
 /// The `text` of each JSONL line, at most `limit`.

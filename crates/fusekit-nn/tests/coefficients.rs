@@ -65,10 +65,8 @@ fn merged_accuracy(d: &Path, name: &str, config: &str) -> f64 {
         / 2.0
 }
 
-#[test]
-fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// The toy's base (an MLP 4-16) and two experts fine-tuned from it, with their data in `d`.
+fn toy(d: &Path) -> Vec<Expert> {
     mlp(&d.join("base"), &[4, 16], 2, 1);
     let mut experts = Vec::new();
     for t in 0..2 {
@@ -103,10 +101,18 @@ fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
             data: d.join(format!("train{t}.jsonl")),
         });
     }
+    experts
+}
+
+#[test]
+fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let experts = toy(d);
     let base = d.join("base").display().to_string();
     let fixed = |l: f64| {
         let learned = fusekit_nn::coefficients::Learned {
-            coefficients: vec![[("*".to_string(), l)].into(); 2],
+            coefficients: vec![[("*".to_string(), vec![l])].into(); 2],
             losses: vec![],
         };
         task_arithmetic_config(&base, &experts, &learned)
@@ -154,11 +160,16 @@ fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
             d0 = experts[0].data.display(),
             d1 = experts[1].data.display(),
         );
-        let (text, from_yaml) = learned_config(&yaml, &|_, _| {}).unwrap().unwrap();
+        let from_yaml = learned_config(&yaml, &d.join("unused"), &|_, _| {})
+            .unwrap()
+            .unwrap();
         assert_eq!(
-            from_yaml.coefficients, learned.coefficients,
+            from_yaml.learned.coefficients, learned.coefficients,
             "{name}: reproducible"
         );
+        let text = from_yaml
+            .config
+            .expect("one coefficient per tensor: a config");
         assert!(
             text.starts_with("# Learned by fusekit")
                 && text.contains("merge_method: task_arithmetic")
@@ -167,10 +178,164 @@ fn learned_coefficients_lower_their_objective_and_beat_task_arithmetic() {
     }
     let err = learned_config(
         "merge_method: atlas\nbase_model: b\nmodels:\n  - model: m\ndata: {}\n",
+        &d.join("unused"),
         &|_, _| {},
     )
     .err()
     .unwrap()
     .to_string();
     assert!(err.contains("needs `data: {m: {file: JSONL}}`"), "{err}");
+}
+
+/// The YAML of an Expert Merging run on the toy with extra `parameters`.
+fn expert_merging_yaml(base: &str, experts: &[Expert], parameters: &str) -> String {
+    format!(
+        "merge_method: expert_merging\nbase_model: {base}\nmodels:\n  - model: {e0}\n  - model: {e1}\ndata:\n  {e0}: {{file: {d0}}}\n  {e1}: {{file: {d1}}}\nparameters: {{steps: 40, learning_rate: 0.2, batch_size: 32, examples: 200, regularizer: 0.01{parameters}}}\n",
+        e0 = experts[0].model,
+        e1 = experts[1].model,
+        d0 = experts[0].data.display(),
+        d1 = experts[1].data.display(),
+    )
+}
+
+fn tensor(model: &Path, name: &str) -> Vec<f32> {
+    let w = fusekit_nn::weights::Weights::load(
+        model.to_str().unwrap(),
+        &fusekit_nn::Device::Cpu,
+        false,
+    )
+    .unwrap();
+    let values = w
+        .tensors()
+        .find(|(n, _)| *n == name)
+        .unwrap()
+        .1
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    values
+}
+
+/// Expert Merging++: with `chunks: 5` every merged matrix gets five coefficients per expert
+/// (torch.chunk's split of 64 elements: 13, 13, 13, 13, 12), the runtime writes the merged
+/// model itself, and each element of it is base + Σ_k c_k[chunk] · τ_k, computed here by hand
+/// from `learned.json`. A `chunk_budget` shares its chunks out by importance: all of them go
+/// to the one matrix Expert Merging merges.
+#[test]
+fn chunked_coefficients_write_the_merge_their_formula_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let experts = toy(d);
+    let base = d.join("base").display().to_string();
+    let out = d.join("chunked");
+    let merge = learned_config(
+        &expert_merging_yaml(&base, &experts, ", chunks: 5"),
+        &out,
+        &|_, _| {},
+    )
+    .unwrap()
+    .unwrap();
+    assert!(
+        merge.config.is_none(),
+        "chunks cannot be a config: OUT written"
+    );
+    let c = &merge.learned.coefficients;
+    assert_eq!(c[0].keys().collect::<Vec<_>>(), ["trunk.0.weight"]);
+    assert_eq!(c[0]["trunk.0.weight"].len(), 5);
+    assert!(
+        c[0]["trunk.0.weight"].windows(2).any(|w| w[0] != w[1]),
+        "{c:?}"
+    );
+    let n = merge.learned.losses.len();
+    assert!(merge.learned.losses[n - 1] < merge.learned.losses[0]);
+
+    let about: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("learned.json")).unwrap()).unwrap();
+    let theta0 = tensor(&d.join("base"), "trunk.0.weight");
+    let taus: Vec<Vec<f32>> = (0..2)
+        .map(|t| {
+            tensor(&d.join(format!("expert{t}")), "trunk.0.weight")
+                .iter()
+                .zip(&theta0)
+                .map(|(a, b)| a - b)
+                .collect()
+        })
+        .collect();
+    let merged = tensor(&out, "trunk.0.weight");
+    for (j, (&m, &b)) in merged.iter().zip(&theta0).enumerate() {
+        let mut want = b;
+        for (k, tau) in taus.iter().enumerate() {
+            let ck = about["models"][k]["coefficients"]["trunk.0.weight"][j / 13]
+                .as_f64()
+                .unwrap() as f32;
+            want += ck * tau[j];
+        }
+        assert!(
+            (m - want).abs() <= 1e-6 * want.abs().max(1.0),
+            "[{j}]: {m} vs {want}"
+        );
+    }
+    // Everything the method leaves alone is the base's.
+    assert_eq!(
+        tensor(&out, "trunk.0.bias"),
+        tensor(&d.join("base"), "trunk.0.bias")
+    );
+    assert_eq!(
+        tensor(&out, "head.weight"),
+        tensor(&d.join("base"), "head.weight")
+    );
+
+    let budget = learned_config(
+        &expert_merging_yaml(&base, &experts, ", chunk_budget: 8"),
+        &d.join("budget"),
+        &|_, _| {},
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(budget.learned.coefficients[1]["trunk.0.weight"].len(), 8);
+    let both = learned_config(
+        &expert_merging_yaml(&base, &experts, ", chunks: 2, chunk_budget: 8"),
+        &d.join("both"),
+        &|_, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(both.contains("not both"), "{both}");
+}
+
+/// Hidden-state alignment adds w_h · MSE between the merged model's and the expert's chosen
+/// hidden states: the objective falls with it too, a larger weight makes it larger at the
+/// start, and a layer the model does not have is refused by name.
+#[test]
+fn expert_merging_aligns_hidden_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let experts = toy(d);
+    let base = d.join("base").display().to_string();
+    let run = |extra: &str| {
+        learned_config(
+            &expert_merging_yaml(&base, &experts, extra),
+            &d.join("x"),
+            &|_, _| {},
+        )
+        .map(|m| m.unwrap().learned.losses)
+    };
+    let plain = run("").unwrap();
+    let aligned = run(", hidden_layers: [1], hidden_weight: 10.0").unwrap();
+    assert!(aligned[0] > plain[0], "{} vs {}", aligned[0], plain[0]);
+    assert!(aligned[aligned.len() - 1] < aligned[0], "{aligned:?}");
+    let err = run(", hidden_layers: [7]").unwrap_err().to_string();
+    assert!(err.contains("hidden_layers") && err.contains('7'), "{err}");
+    let wrong = learned_config(
+        &expert_merging_yaml(&base, &experts, ", hidden_layers: [1]")
+            .replace("expert_merging", "atlas"),
+        &d.join("y"),
+        &|_, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(wrong.contains("belong to expert_merging"), "{wrong}");
 }

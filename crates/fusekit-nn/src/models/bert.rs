@@ -55,6 +55,8 @@ pub struct BertOutput {
     pub last_hidden_state: Tensor,
     /// `[batch, hidden]`, `None` when the checkpoint has no pooler.
     pub pooler_output: Option<Tensor>,
+    /// `transformers`' `hidden_states`: the embeddings, then each layer's output.
+    pub hidden_states: Vec<Tensor>,
 }
 
 pub struct Bert<'a> {
@@ -130,8 +132,10 @@ impl<'a> Bert<'a> {
         // Padding keys get a large negative score, so their attention weight underflows to 0.
         let mask = attention_mask.to_dtype(DType::F32)?;
         let bias = ((mask - 1.0)? * 1e9)?.reshape((batch, 1, 1, seq))?;
+        let mut hidden_states = vec![x.clone()];
         for l in 0..c.layers {
             x = self.layer(&x, &bias, &format!("encoder.layer.{l}"))?;
+            hidden_states.push(x.clone());
         }
         let pooler_output = if self
             .w
@@ -145,6 +149,7 @@ impl<'a> Bert<'a> {
         Ok(BertOutput {
             last_hidden_state: x,
             pooler_output,
+            hidden_states,
         })
     }
 

@@ -108,27 +108,35 @@ impl<'a> Mlp<'a> {
         })
     }
 
-    /// The trunk's features of `x [batch, input]`.
-    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = x.clone();
+    /// The input `x [batch, input]`, then each trunk layer's output (the last are the features
+    /// the head reads).
+    pub fn hidden_states(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut states = vec![x.clone()];
         for (i, pair) in self.config.trunk_sizes.windows(2).enumerate() {
             let w = self
                 .w
                 .get(&format!("trunk.{i}.weight"), &[pair[1], pair[0]])?;
             let b = self.w.get(&format!("trunk.{i}.bias"), &[pair[1]])?;
-            self.w.observe_input(&format!("trunk.{i}.weight"), &x)?;
-            x = linear(&x, &w, Some(&b))?.relu()?;
+            let x = states.last().expect("starts with the input");
+            self.w.observe_input(&format!("trunk.{i}.weight"), x)?;
+            let next = linear(x, &w, Some(&b))?.relu()?;
+            states.push(next);
         }
-        Ok(x)
+        Ok(states)
+    }
+
+    /// The head's logits `[batch, num_labels]` of the trunk's last hidden state.
+    pub fn head(&self, features: &Tensor) -> Result<Tensor> {
+        let last = *self.config.trunk_sizes.last().expect("checked length");
+        let w = self.w.get("head.weight", &[self.config.num_labels, last])?;
+        let b = self.w.get("head.bias", &[self.config.num_labels])?;
+        self.w.observe_input("head.weight", features)?;
+        linear(features, &w, Some(&b))
     }
 
     /// Class logits `[batch, num_labels]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let last = *self.config.trunk_sizes.last().expect("checked length");
-        let w = self.w.get("head.weight", &[self.config.num_labels, last])?;
-        let b = self.w.get("head.bias", &[self.config.num_labels])?;
-        let features = self.features(x)?;
-        self.w.observe_input("head.weight", &features)?;
-        linear(&features, &w, Some(&b))
+        let states = self.hidden_states(x)?;
+        self.head(states.last().expect("starts with the input"))
     }
 }
