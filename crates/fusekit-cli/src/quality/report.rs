@@ -142,7 +142,7 @@ impl SuiteReport {
                 "experts": suite.experts.iter().map(|e| e.display().to_string()).collect::<Vec<_>>(),
                 "expert_training": suite.train_options,
                 "calibration_examples_per_task": suite.calibration,
-                "data_aware_parameters": suite.learned_parameters.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+                "data_aware_settings": suite.learned_parameters.iter().map(|(m, p)| (m.to_string(), serde_json::json!({"parameters": p.parameters, "data": p.data}))).collect::<std::collections::BTreeMap<_, _>>(),
                 "examples": suite.tasks.iter().map(|t| serde_json::json!({
                     "task": t.name, "train": t.train.len(), "validation": t.validation.len(), "test": t.test.len(),
                 })).collect::<Vec<_>>(),

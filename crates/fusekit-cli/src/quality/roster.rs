@@ -130,14 +130,22 @@ pub struct Setting {
     pub yaml: String,
 }
 
+/// What a suite sets for a data-aware method: global `parameters` and extra fields of each
+/// `data:` entry (e.g. the Fisher's `kind`).
+#[derive(Clone, Copy, Default)]
+pub struct DataAwareSettings {
+    pub parameters: &'static str,
+    pub data: &'static str,
+}
+
 /// The configs to try for `entry`, merging `experts` (with `base`); `calibration[i]` is
-/// expert i's data file and `learned` the suite's own parameters for this method.
+/// expert i's data file and `learned` the suite's own settings for this method.
 pub fn settings(
     entry: &Entry,
     base: &str,
     experts: &[String],
     calibration: &[String],
-    learned: &str,
+    learned: DataAwareSettings,
 ) -> Vec<Setting> {
     let mut head = format!("merge_method: {}\n", entry.method);
     if entry.uses_base {
@@ -152,8 +160,13 @@ pub fn settings(
     }
     if entry.family == Family::DataAware {
         head += "data:\n";
+        let extra = if learned.data.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", learned.data)
+        };
         for (expert, file) in experts.iter().zip(calibration) {
-            head += &format!("  {expert}: {{file: {file}}}\n");
+            head += &format!("  {expert}: {{file: {file}{extra}}}\n");
         }
     }
     let global = |extra: Option<String>| {
@@ -161,8 +174,8 @@ pub fn settings(
             .into_iter()
             .filter(|p| !p.is_empty())
             .collect();
-        if !learned.is_empty() {
-            parts.push(learned.to_string());
+        if !learned.parameters.is_empty() {
+            parts.push(learned.parameters.to_string());
         }
         if parts.is_empty() {
             String::new()
@@ -206,16 +219,27 @@ mod tests {
         let roster = roster();
         let ties = roster.iter().find(|e| e.method == "ties").unwrap();
         let experts = ["a".to_string(), "b".to_string()];
-        let tried = settings(ties, "base", &experts, &[], "");
+        let tried = settings(ties, "base", &experts, &[], Default::default());
         assert_eq!(tried.len(), SCALES.len());
         assert!(tried[1].yaml.contains("parameters: {lambda: 0.5}"));
         assert!(tried[1].yaml.contains("base_model: base"));
         let fisher = roster.iter().find(|e| e.method == "fisher").unwrap();
         let files = ["a.jsonl".to_string(), "b.jsonl".to_string()];
-        let yaml = &settings(fisher, "base", &experts, &files, "steps: 3")[0].yaml;
-        assert!(yaml.contains("  b: {file: b.jsonl}") && !yaml.contains("base_model"));
+        let sampled = DataAwareSettings {
+            parameters: "",
+            data: "kind: sampled",
+        };
+        let yaml = &settings(fisher, "base", &experts, &files, sampled)[0].yaml;
+        assert!(
+            yaml.contains("  b: {file: b.jsonl, kind: sampled}") && !yaml.contains("base_model"),
+            "{yaml}"
+        );
         let ada = roster.iter().find(|e| e.method == "adamerging").unwrap();
-        let yaml = &settings(ada, "base", &experts, &files, "steps: 3")[0].yaml;
+        let steps = DataAwareSettings {
+            parameters: "steps: 3",
+            data: "",
+        };
+        let yaml = &settings(ada, "base", &experts, &files, steps)[0].yaml;
         assert!(yaml.contains("parameters: {steps: 3}"), "{yaml}");
     }
 }

@@ -1,6 +1,7 @@
 //! The two suites' data, base model and experts. Experts are fine-tuned by fusekit itself with
 //! fixed seeds and cached under the bench directory: a rerun with the same settings reuses them.
 
+use super::roster::DataAwareSettings;
 use super::{Sources, Stage};
 use anyhow::{Context, Result};
 use fusekit_nn::datasets::vision::{self, Images};
@@ -26,9 +27,10 @@ pub struct Suite {
     pub tasks: Vec<Task>,
     pub experts: Vec<PathBuf>,
     pub eval: EvalOptions,
-    /// Per-method parameters of the data-aware methods, sized for the suite (YAML
-    /// `parameters:` entries): the papers' step counts and learning rates assume GPUs.
-    pub learned_parameters: Vec<(&'static str, &'static str)>,
+    /// Per-method settings of the data-aware methods, sized for the suite: the papers' step
+    /// counts and learning rates assume GPUs, and an exact Fisher over 25 classes costs 25
+    /// backward passes of a transformer per example.
+    pub learned_parameters: Vec<(&'static str, DataAwareSettings)>,
     /// Calibration examples per task for the data-aware methods.
     pub calibration: usize,
     /// Seconds spent making the base and the experts (0 when all were cached).
@@ -196,13 +198,16 @@ pub fn vision(
         learned_parameters: vec![
             (
                 "adamerging",
-                "steps: 200, learning_rate: 0.002, batch_size: 32",
+                parameters("steps: 200, learning_rate: 0.002, batch_size: 32"),
             ),
             (
                 "atlas",
-                "steps: 200, learning_rate: 0.01, batch_size: 32, examples: 256",
+                parameters("steps: 200, learning_rate: 0.01, batch_size: 32, examples: 256"),
             ),
-            ("expert_merging", "steps: 200, batch_size: 8, examples: 32"),
+            (
+                "expert_merging",
+                parameters("steps: 200, batch_size: 8, examples: 32"),
+            ),
         ],
         calibration: scale.calibration,
         training_seconds: if trained {
@@ -276,15 +281,26 @@ pub fn text(dir: &Path, sources: &Sources, seed: u64, stage: &Stage) -> Result<S
         learned_parameters: vec![
             (
                 "adamerging",
-                "steps: 30, learning_rate: 0.01, batch_size: 8, examples: 64, max_len: 64",
+                parameters(
+                    "steps: 30, learning_rate: 0.01, batch_size: 8, examples: 64, max_len: 64",
+                ),
             ),
             (
                 "atlas",
-                "steps: 30, learning_rate: 0.01, batch_size: 8, examples: 64, max_len: 64",
+                parameters(
+                    "steps: 30, learning_rate: 0.01, batch_size: 8, examples: 64, max_len: 64",
+                ),
             ),
             (
                 "expert_merging",
-                "steps: 30, batch_size: 4, examples: 16, max_len: 64",
+                parameters("steps: 30, batch_size: 4, examples: 16, max_len: 64"),
+            ),
+            (
+                "fisher",
+                DataAwareSettings {
+                    parameters: "",
+                    data: "kind: sampled, examples: 64",
+                },
             ),
         ],
         calibration: 64,
@@ -297,12 +313,20 @@ pub fn text(dir: &Path, sources: &Sources, seed: u64, stage: &Stage) -> Result<S
     })
 }
 
+/// Global `parameters` of a data-aware method.
+fn parameters(parameters: &'static str) -> DataAwareSettings {
+    DataAwareSettings {
+        parameters,
+        data: "",
+    }
+}
+
 impl Suite {
-    pub fn parameters_of(&self, method: &str) -> &'static str {
+    pub fn parameters_of(&self, method: &str) -> DataAwareSettings {
         self.learned_parameters
             .iter()
             .find(|(m, _)| *m == method)
-            .map_or("", |(_, p)| p)
+            .map_or_else(Default::default, |(_, p)| *p)
     }
 }
 
