@@ -138,7 +138,7 @@ pub fn finetune_examples(
             ..Default::default()
         },
     )?;
-    let order = shuffled(examples.len(), options.seed);
+    let order = fusekit::rng::permutation(options.seed, "batches", examples.len());
     let batch = options.batch_size.max(1);
     let mut losses = Vec::with_capacity(options.steps);
     for step in 0..options.steps {
@@ -239,15 +239,4 @@ fn with_head(w: &Weights, labels: usize, seed: u64) -> Result<Weights> {
         config["fusekit_pooling"] = "mean".into();
     }
     Ok(Weights::from_tensors(&w.reference, config, values))
-}
-
-/// A seeded permutation of `0..n` (Fisher–Yates on the counter-based stream).
-fn shuffled(n: usize, seed: u64) -> Vec<usize> {
-    let key = fusekit::rng::stream_key(seed, "batches", 0);
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = (fusekit::rng::uniform(key, i as u64) * (i + 1) as f64) as usize;
-        order.swap(i, j.min(i));
-    }
-    order
 }

@@ -53,6 +53,18 @@ impl Draws {
 }
 
 /// The 32-bit threshold under which a draw means "keep" with probability `p` (< 1).
+/// Fisher–Yates over `0..n` on the stream keyed by (seed, `stream`): the same order for the same
+/// seed on any machine.
+pub fn permutation(seed: u64, stream: &str, n: usize) -> Vec<usize> {
+    let key = stream_key(seed, stream, 0);
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (uniform(key, i as u64) * (i + 1) as f64) as usize;
+        order.swap(i, j.min(i));
+    }
+    order
+}
+
 pub fn keep_threshold(p: f64) -> u32 {
     (p.clamp(0.0, 1.0) * 4_294_967_296.0).min(u32::MAX as f64) as u32
 }

@@ -422,12 +422,7 @@ fn train(
 
 /// `images` in a seeded order.
 fn seeded_order(images: Images, seed: u64) -> Images {
-    let key = fusekit::rng::stream_key(seed, "digits", 0);
-    let mut order: Vec<usize> = (0..images.len()).collect();
-    for i in (1..order.len()).rev() {
-        let j = (fusekit::rng::uniform(key, i as u64) * (i + 1) as f64) as usize;
-        order.swap(i, j.min(i));
-    }
+    let order = fusekit::rng::permutation(seed, "digits", images.len());
     Images {
         pixels: order
             .iter()

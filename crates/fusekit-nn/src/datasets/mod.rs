@@ -58,16 +58,16 @@ pub fn write_split(dir: &Path, name: &str, train: &[Labelled], test: &[Labelled]
 /// `examples` in a seeded order (Fisher–Yates on the counter-based stream), cut into the first
 /// `train` and the next `test`.
 pub fn split(
-    mut examples: Vec<Labelled>,
+    examples: Vec<Labelled>,
     train: usize,
     test: usize,
     seed: u64,
 ) -> (Vec<Labelled>, Vec<Labelled>) {
-    let key = fusekit::rng::stream_key(seed, "split", 0);
-    for i in (1..examples.len()).rev() {
-        let j = (fusekit::rng::uniform(key, i as u64) * (i + 1) as f64) as usize;
-        examples.swap(i, j.min(i));
-    }
+    let mut slots: Vec<Option<Labelled>> = examples.into_iter().map(Some).collect();
+    let mut examples: Vec<Labelled> = fusekit::rng::permutation(seed, "split", slots.len())
+        .into_iter()
+        .map(|i| slots[i].take().expect("a permutation takes each once"))
+        .collect();
     let test_part = examples.split_off(train.min(examples.len()));
     (examples, test_part.into_iter().take(test).collect())
 }

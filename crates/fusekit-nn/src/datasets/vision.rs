@@ -197,13 +197,7 @@ pub fn rotate(image: &[f32]) -> Vec<f32> {
 
 /// A fixed seeded permutation of the pixels, the same for every image of a task.
 pub fn permutation(seed: u64) -> Vec<usize> {
-    let key = fusekit::rng::stream_key(seed, "pixels", 0);
-    let mut order: Vec<usize> = (0..PIXELS).collect();
-    for i in (1..PIXELS).rev() {
-        let j = (fusekit::rng::uniform(key, i as u64) * (i + 1) as f64) as usize;
-        order.swap(i, j.min(i));
-    }
-    order
+    fusekit::rng::permutation(seed, "pixels", PIXELS)
 }
 
 pub fn permute(image: &[f32], order: &[usize]) -> Vec<f32> {
