@@ -62,7 +62,8 @@ fn batch(base: &Model, models: &[Model], alpha: f64) -> (Model, f64, Vec<f64>) {
                 .map(|(x, b)| x - b)
                 .collect();
             let tau = delta_of(model, name);
-            let linear = t.shape.len() == 2 && !name.contains("embed");
+            // Linear layers: not the embeddings, not the output head (methods.md §15).
+            let linear = t.shape.len() == 2 && !name.contains("embed") && !name.contains("lm_head");
             let projected = if linear {
                 let (r, c) = (t.shape[0], t.shape[1]);
                 let p = project(

@@ -8,6 +8,8 @@
 //! positioned write. Methods see the same fixed blocks whatever the chunking, so the bytes do not
 //! depend on the budget or the thread count.
 
+mod gate;
+
 use crate::checkpoint::TensorSource;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -79,7 +81,9 @@ pub fn run(
     // Largest first, so the long tensors do not start last.
     let mut order: Vec<usize> = (0..plan.tensors.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.tensors[i].bytes()));
-    let model_stats = pool.install(|| gather_model_statistics(plan, share, options, progress))?;
+    let gate = gate::MemoryGate::new(options.memory_budget);
+    let model_stats =
+        pool.install(|| gather_model_statistics(plan, share, &gate, options, progress))?;
     let model_stats = model_stats.as_deref();
     pool.install(|| {
         order.par_iter().try_for_each(|&i| {
@@ -92,9 +96,16 @@ pub fn run(
             };
             match &task.work {
                 Work::Copy(source) => copy(task, source, &writer, share, options),
-                Work::Merge(merge) => {
-                    merge_tensor(plan, task, merge, &writer, share, model_stats, options)
-                }
+                Work::Merge(merge) => merge_tensor(
+                    plan,
+                    task,
+                    merge,
+                    &writer,
+                    share,
+                    &gate,
+                    model_stats,
+                    options,
+                ),
             }
         })
     })
@@ -266,6 +277,7 @@ pub fn model_statistics(plan: &Plan, options: &ExecOptions) -> Result<Option<Arc
     gather_model_statistics(
         plan,
         (options.memory_budget / threads).max(BLOCK * 64),
+        &gate::MemoryGate::new(options.memory_budget),
         options,
         &(),
     )
@@ -276,6 +288,7 @@ pub fn model_statistics(plan: &Plan, options: &ExecOptions) -> Result<Option<Arc
 fn gather_model_statistics(
     plan: &Plan,
     share: usize,
+    gate: &gate::MemoryGate,
     options: &ExecOptions,
     progress: &dyn Progress,
 ) -> Result<Option<Arc<ModelStats>>> {
@@ -310,6 +323,7 @@ fn gather_model_statistics(
                 .par_iter_mut()
                 .zip(chunk)
                 .try_for_each(|(part, (merge, ctx))| -> Result<()> {
+                    let _admitted = gate.admit(plan.method.held_bytes(ctx));
                     let inputs = inputs_of(plan, merge, options);
                     let blocks = Inputs(&inputs);
                     blocks.check_unchanged()?;
@@ -339,18 +353,21 @@ fn gather_model_statistics(
     Ok(Some(stats.finish()))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn merge_tensor(
     plan: &Plan,
     task: &TensorTask,
     merge: &MergeTask,
     writer: &Writer,
     share: usize,
+    gate: &gate::MemoryGate,
     model_stats: Option<&ModelStats>,
     options: &ExecOptions,
 ) -> Result<()> {
     let numel = task.numel();
     let inputs = inputs_of(plan, merge, options);
     let ctx = context(plan, task, merge, share, model_stats);
+    let _admitted = gate.admit(plan.method.held_bytes(&ctx));
     let mut merger = plan.method.merger(&ctx)?;
     let inputs = Inputs(&inputs);
     inputs.check_unchanged()?;

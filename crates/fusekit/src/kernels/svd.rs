@@ -78,6 +78,13 @@ pub fn polar(a: MatRef<'_, f32>) -> Option<Mat<f32>> {
     Some(product(d.u.as_ref(), d.v.as_ref().transpose()))
 }
 
+/// Bytes an SVD-based merge of an `rows × cols` matrix holds: `matrices` whole f32 matrices of
+/// that shape (inputs, products, the result) and the thin factors U, V of its SVD.
+pub fn held_bytes(rows: usize, cols: usize, matrices: usize) -> usize {
+    let k = rows.min(cols);
+    4 * (matrices * rows * cols + (rows + cols) * k)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 //! tasks are not drowned by large ones (FusionBench, ViT-B/32 × 8 tasks: 82.8 % vs 68.0 % for task
 //! arithmetic). Default scale 1. Needs the summed task vector of one matrix in memory.
 
-use super::spectral::{Collect, SpectralMerger};
+use super::spectral::{self, Collect, SpectralMerger};
 use super::*;
 use crate::error::Error;
 use crate::kernels::svd::{scaled_product, svd_of};
@@ -35,6 +35,10 @@ static SPEC: MethodSpec = MethodSpec {
 impl Method for IsoC {
     fn spec(&self) -> &'static MethodSpec {
         &SPEC
+    }
+
+    fn held_bytes(&self, ctx: &TensorContext) -> usize {
+        spectral::held_bytes(ctx, Collect::Sum)
     }
 
     fn merger(&self, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>> {

@@ -245,6 +245,12 @@ pub trait Method: Send + Sync {
         None
     }
     fn merger(&self, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>>;
+    /// Bytes a tensor's merge (or its share of a model-wide statistics pass) holds beyond the
+    /// streaming share: whole matrices and their decompositions. The executor starts tensors
+    /// only while these fit the memory budget.
+    fn held_bytes(&self, _ctx: &TensorContext) -> usize {
+        0
+    }
     /// Model-wide statistics the merge of these tensors needs first, if any.
     fn model_statistics(
         &self,

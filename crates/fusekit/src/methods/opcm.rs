@@ -55,12 +55,20 @@ static SPEC: MethodSpec = MethodSpec {
     max_inputs: Some(3),
 };
 
-/// Whether a tensor is projected: a linear weight (2-D and not an embedding).
+/// Whether a tensor is projected: a linear weight (2-D, not an embedding and not the output
+/// head, which `methods.md` §15 classes apart from linear layers).
 fn is_linear(ctx: &TensorContext) -> bool {
     ctx.shape.len() == 2
-        && !["embed", "wte", "wpe", "word_embeddings"]
-            .iter()
-            .any(|e| ctx.name.contains(e))
+        && ![
+            "embed",
+            "wte",
+            "wpe",
+            "word_embeddings",
+            "lm_head",
+            "embed_out",
+        ]
+        .iter()
+        .any(|e| ctx.name.contains(e))
 }
 
 /// τ' for one matrix: `delta` = Δ and `tau` = τ, both m×n.
@@ -271,6 +279,15 @@ impl Method for Opcm {
             norms: OpcmNorms::default(),
             pending: None,
         })))
+    }
+
+    /// Δ, τ, the projected update and the SVD's products and factors of a linear weight.
+    fn held_bytes(&self, ctx: &TensorContext) -> usize {
+        if is_linear(ctx) {
+            crate::kernels::svd::held_bytes(ctx.shape[0], ctx.shape[1], 6)
+        } else {
+            0
+        }
     }
 
     fn merger(&self, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>> {

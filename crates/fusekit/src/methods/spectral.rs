@@ -36,6 +36,21 @@ pub struct SpectralMerger {
     name: String,
 }
 
+/// Bytes a tensor holds while merged: the collected matrices, the SVD's products and factors.
+pub fn held_bytes(ctx: &TensorContext, collect: Collect) -> usize {
+    match ctx.shape {
+        [rows, rest @ ..] if !rest.is_empty() => {
+            let tasks = ctx.n_inputs.saturating_sub(1);
+            let collected = match collect {
+                Collect::Sum => 1,
+                Collect::Each => tasks,
+            };
+            crate::kernels::svd::held_bytes(*rows, rest.iter().product(), collected + 3)
+        }
+        _ => 0,
+    }
+}
+
 impl SpectralMerger {
     pub fn boxed(
         ctx: &TensorContext,

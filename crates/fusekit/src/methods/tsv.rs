@@ -9,7 +9,7 @@
 //! the strongest data-free method in FusionBench (ViT-B/32 × 8 tasks: 83.1 %). Holds the T task
 //! vectors of one matrix in memory.
 
-use super::spectral::{Collect, SpectralMerger};
+use super::spectral::{self, Collect, SpectralMerger};
 use super::*;
 use crate::error::Error;
 use crate::kernels::svd::{polar, product, svd_of};
@@ -36,6 +36,10 @@ static SPEC: MethodSpec = MethodSpec {
 impl Method for Tsv {
     fn spec(&self) -> &'static MethodSpec {
         &SPEC
+    }
+
+    fn held_bytes(&self, ctx: &TensorContext) -> usize {
+        spectral::held_bytes(ctx, Collect::Each)
     }
 
     fn merger(&self, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>> {
