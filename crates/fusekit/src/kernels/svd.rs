@@ -79,10 +79,21 @@ pub fn polar(a: MatRef<'_, f32>) -> Option<Mat<f32>> {
 }
 
 /// Bytes an SVD-based merge of an `rows × cols` matrix holds: `matrices` whole f32 matrices of
-/// that shape (inputs, products, the result) and the thin factors U, V of its SVD.
+/// that shape (inputs, products, the result), the thin factors U, V and faer's SVD workspace
+/// (about four times the matrix for a rectangular one, seven for a square one).
 pub fn held_bytes(rows: usize, cols: usize, matrices: usize) -> usize {
     let k = rows.min(cols);
-    4 * (matrices * rows * cols + (rows + cols) * k)
+    let params: Spec<SvdParams, f32> = Default::default();
+    let scratch = svd_scratch::<f32>(
+        rows,
+        cols,
+        ComputeSvdVectors::Thin,
+        ComputeSvdVectors::Thin,
+        Par::Seq,
+        params,
+    )
+    .size_bytes();
+    4 * (matrices * rows * cols + (rows + cols) * k) + scratch
 }
 
 #[cfg(test)]
