@@ -116,6 +116,11 @@ impl MultislerpMerger {
             gram: &self.gram,
         };
         let norms: Vec<f64> = (0..n).map(|i| span.norm_of(i)).collect();
+        // Every model equal (to the base, or zero): nothing to interpolate. mergekit raises its
+        // antipodal error here for three or more models; the answer is that common point.
+        if norms.iter().all(|nm| *nm < self.eps) {
+            return Ok(vec![0.0; n]);
+        }
         // uᵢ = vᵢ/(‖vᵢ‖ + ε): coefficient unit[i] on vᵢ.
         let unit: Vec<f64> = norms.iter().map(|nm| 1.0 / (nm + self.eps)).collect();
         let mean: Vec<f64> = (0..n).map(|i| self.weights[i] * unit[i]).collect();
@@ -273,6 +278,20 @@ mod tests {
                 "{j}"
             );
         }
+    }
+
+    #[test]
+    fn models_equal_to_the_base_give_the_base() {
+        let base = data(50, 3, 1.0);
+        let p = params(
+            &[],
+            vec![vec![]; 1]
+                .into_iter()
+                .chain(vec![vec![("weight", Scalar::Number(1.0))]; 3])
+                .collect(),
+        );
+        let out = run(&Multislerp, &vec![base.clone(); 4], Some(0), p, 0);
+        assert_eq!(out, base);
     }
 
     #[test]
