@@ -322,7 +322,9 @@ fn run_suite(suite: &Suite, dir: &Path, args: &QualityArgs, stage: &Stage) -> Re
             if let Err(e) = done {
                 stage.say(&format!("  {name}: failed: {e:#}"));
                 report.push(Row::failed(entry.method, entry.family, &format!("{e:#}")));
-                best = None;
+                if let Some((_, _, tried_out)) = best.take() {
+                    forget(&tried_out, args.keep_merges)?;
+                }
                 tried.clear();
                 break;
             }
