@@ -212,19 +212,26 @@ pub fn learn(
     options: &CoefficientOptions,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Learned> {
-    let problem = load(base, experts, options)?;
+    learn_loaded(&load(base, experts, options)?, options, progress)
+}
+
+fn learn_loaded(
+    problem: &Problem,
+    options: &CoefficientOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Learned> {
     match options.chunks {
         Chunks::Each(n) => {
             let counts = problem.names.iter().map(|n_| (n_.clone(), n)).collect();
-            train(&problem, &counts, options, progress)
+            train(problem, &counts, options, progress)
         }
         Chunks::Budget(budget) => {
             let whole = problem.names.iter().map(|n| (n.clone(), 1)).collect();
-            let first = train(&problem, &whole, options, &|done, total| {
+            let first = train(problem, &whole, options, &|done, total| {
                 progress(done, 2 * total)
             })?;
-            let counts = allocate(&problem, &first, budget)?;
-            train(&problem, &counts, options, &|done, total| {
+            let counts = allocate(problem, &first, budget)?;
+            train(problem, &counts, options, &|done, total| {
                 progress(total + done, 2 * total)
             })
         }
@@ -683,7 +690,8 @@ pub fn learned_config(
         serde_saphyr::from_str(text).map_err(|e| Error::model("config", e.to_string()))?;
     let options = options_of(&config)?;
     let experts = experts_of(&config.merge_method, &config.models, &config.data)?;
-    let learned = learn(&config.base_model, &experts, &options, progress)?;
+    let problem = load(&config.base_model, &experts, &options)?;
+    let learned = learn_loaded(&problem, &options, progress)?;
     let chunked = learned
         .coefficients
         .iter()
@@ -691,7 +699,7 @@ pub fn learned_config(
     if chunked {
         let dtype =
             fusekit::dtype::Dtype::from_config(config.dtype.as_deref().unwrap_or("float32"))?;
-        write_chunked(&config, &experts, &learned, &options, out, dtype)?;
+        write_chunked(&config, &problem, &experts, &learned, &options, out, dtype)?;
         return Ok(Some(LearnedMerge {
             learned,
             config: None,
@@ -771,6 +779,7 @@ fn options_of(config: &LearnedMergeConfig) -> Result<CoefficientOptions> {
 /// path leaves them), with every coefficient in `learned.json`.
 fn write_chunked(
     config: &LearnedMergeConfig,
+    problem: &Problem,
     experts: &[Expert],
     learned: &Learned,
     options: &CoefficientOptions,
@@ -778,7 +787,6 @@ fn write_chunked(
     dtype: fusekit::dtype::Dtype,
 ) -> Result<()> {
     let device = Device::Cpu;
-    let problem = load(&config.base_model, experts, options)?;
     let mut tensors = Vec::new();
     for (name, t) in problem.base.tensors() {
         let mut theta = t.clone();

@@ -183,17 +183,19 @@ pub fn settings(
             format!("parameters: {{{}}}\n", parts.join(", "))
         }
     };
-    let dtype = "dtype: float32\n";
     match entry.scale {
         None => vec![Setting {
             label: String::new(),
-            yaml: format!("{head}{}{dtype}", global(None)),
+            yaml: format!("{head}{}dtype: float32\n", global(None)),
         }],
         Some(key) => SCALES
             .iter()
             .map(|s| Setting {
                 label: format!("{key}={s}"),
-                yaml: format!("{head}{}{dtype}", global(Some(format!("{key}: {s}")))),
+                yaml: format!(
+                    "{head}{}dtype: float32\n",
+                    global(Some(format!("{key}: {s}")))
+                ),
             })
             .collect(),
     }
