@@ -140,7 +140,7 @@ impl SuiteReport {
             settings: serde_json::json!({
                 "base": suite.base.display().to_string(),
                 "experts": suite.experts.iter().map(|e| e.display().to_string()).collect::<Vec<_>>(),
-                "expert_training": suite.train_options,
+                "expert_training": suite.recipe,
                 "calibration_examples_per_task": suite.calibration,
                 "data_aware_settings": suite.learned_parameters.iter().map(|(m, p)| (m.to_string(), serde_json::json!({"parameters": p.parameters, "data": p.data}))).collect::<std::collections::BTreeMap<_, _>>(),
                 "examples": suite.tasks.iter().map(|t| serde_json::json!({

@@ -35,8 +35,22 @@ pub struct Suite {
     pub calibration: usize,
     /// Seconds spent making the base and the experts (0 when all were cached).
     pub training_seconds: f64,
-    pub train_options: TrainOptions,
+    pub recipe: Recipe,
 }
+
+/// How an expert is made from the base: LP-FT (Kumar et al., 2022). First a linear probe, the
+/// task's head alone trained on the frozen base; then the fine-tune, starting from that head.
+/// A head that already fits the task lets the fine-tune change the features less and keep
+/// the base's, and task vectors that stay near the base are what merges can combine; a fresh
+/// random head instead pulls each expert's layers towards mapping into its own random head.
+#[derive(Clone, serde::Serialize)]
+pub struct Recipe {
+    pub probe: TrainOptions,
+    pub finetune: TrainOptions,
+}
+
+/// A `trainable` pattern that no tensor name matches: only the head, which always trains.
+const HEAD_ONLY: &str = "^$";
 
 /// What makes a task's images from its dataset's.
 type Transform = Box<dyn Fn(&[f32]) -> Vec<f32>>;
@@ -48,6 +62,7 @@ struct VisionScale {
     pretrain_steps: usize,
     expert_examples: usize,
     expert_steps: usize,
+    probe_steps: usize,
     validation: usize,
     test: usize,
     calibration: usize,
@@ -70,6 +85,7 @@ pub fn vision(
             pretrain_steps: 60,
             expert_examples: 900,
             expert_steps: 120,
+            probe_steps: 60,
             validation: 200,
             test: 500,
             calibration: 64,
@@ -81,6 +97,7 @@ pub fn vision(
             pretrain_steps: 320,
             expert_examples: 20_000,
             expert_steps: 640,
+            probe_steps: 320,
             validation: 1_000,
             test: usize::MAX,
             calibration: 256,
@@ -180,14 +197,16 @@ pub fn vision(
         learning_rate: 3e-4,
         ..pretrain_options
     };
-    let experts = make_experts(
-        &suite_dir,
-        &base,
-        &tasks,
-        &expert_options,
-        stage,
-        &mut trained,
-    )?;
+    let recipe = Recipe {
+        probe: TrainOptions {
+            steps: scale.probe_steps,
+            learning_rate: 3e-3,
+            trainable: Some(HEAD_ONLY.into()),
+            ..expert_options.clone()
+        },
+        finetune: expert_options,
+    };
+    let experts = make_experts(&suite_dir, &base, &tasks, &recipe, stage, &mut trained)?;
     Ok(Suite {
         name: "vision",
         base,
@@ -217,7 +236,7 @@ pub fn vision(
         } else {
             0.0
         },
-        train_options: expert_options,
+        recipe,
     })
 }
 
@@ -268,9 +287,19 @@ pub fn text(dir: &Path, sources: &Sources, seed: u64, stage: &Stage) -> Result<S
         max_len: 64,
         ..Default::default()
     };
+    let recipe = Recipe {
+        probe: TrainOptions {
+            steps: 100,
+            learning_rate: 5e-3,
+            batch_size: 32,
+            trainable: Some(HEAD_ONLY.into()),
+            ..options.clone()
+        },
+        finetune: options,
+    };
     let started = std::time::Instant::now();
     let mut trained = false;
-    let experts = make_experts(&suite_dir, &base, &tasks, &options, stage, &mut trained)?;
+    let experts = make_experts(&suite_dir, &base, &tasks, &recipe, stage, &mut trained)?;
     Ok(Suite {
         name: "text",
         base,
@@ -312,7 +341,7 @@ pub fn text(dir: &Path, sources: &Sources, seed: u64, stage: &Stage) -> Result<S
         } else {
             0.0
         },
-        train_options: options,
+        recipe,
     })
 }
 
@@ -337,7 +366,7 @@ fn make_experts(
     suite_dir: &Path,
     base: &Path,
     tasks: &[Task],
-    options: &TrainOptions,
+    recipe: &Recipe,
     stage: &Stage,
     trained: &mut bool,
 ) -> Result<Vec<PathBuf>> {
@@ -345,17 +374,24 @@ fn make_experts(
     // merge config needs that, even though each task keeps its own head); the extra classes
     // are never a target.
     let labels = tasks.iter().map(classes).max().unwrap_or(1);
+    let with_labels = |options: &TrainOptions| TrainOptions {
+        num_labels: Some(labels),
+        ..options.clone()
+    };
     let mut experts = Vec::new();
     for task in tasks {
+        let probe = suite_dir.join("probes").join(&task.name);
         let out = suite_dir.join("experts").join(&task.name);
-        let options = TrainOptions {
-            num_labels: Some(labels),
-            ..options.clone()
-        };
-        if !is_cached(base, &out, &options, task.train.len()) {
-            stage.say(&format!("fine-tuning the {} expert", task.name));
-            train(base, &task.train, &task.name, &out, &options, stage)?;
-            *trained = true;
+        let steps = [
+            (base, &probe, "probe", with_labels(&recipe.probe)),
+            (&probe, &out, "fine-tune", with_labels(&recipe.finetune)),
+        ];
+        for (from, to, what, options) in steps {
+            if !is_cached(from, to, &options, task.train.len()) {
+                stage.say(&format!("{what} of the {} expert", task.name));
+                train(from, &task.train, &task.name, to, &options, stage)?;
+                *trained = true;
+            }
         }
         experts.push(out);
     }

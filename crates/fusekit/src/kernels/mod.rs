@@ -6,6 +6,7 @@ pub mod finite;
 pub mod gram;
 pub mod low_rank;
 pub mod magprune;
+pub mod math;
 pub mod quantile;
 pub mod rows;
 pub mod select;

@@ -23,7 +23,9 @@
 
 use super::*;
 use crate::error::Error;
+use crate::kernels::math;
 use crate::kernels::quantile::RadixSelect;
+use multiversion::multiversion;
 use std::sync::Arc;
 
 pub struct Pcb;
@@ -169,13 +171,15 @@ impl Statistics {
                 }
                 return;
             }
-            let balance = &self.current;
-            for &(input, id) in &tasks {
-                for (j, v) in values.iter_mut().enumerate() {
-                    *v = score(balance, &tasks, id, input, base, inputs, j);
+            crate::kernels::with_scratch(len, |sum| {
+                task_sum(&tasks, base, inputs, sum);
+                for &(input, id) in &tasks {
+                    let (lo, hi, _, _) = self.current.rows[&id];
+                    let n = tasks.len() as f32;
+                    scores(inputs[input], inputs[base], sum, lo, hi, n, values);
+                    self.rows.get_mut(&id).expect("sized").score.observe(values);
                 }
-                self.rows.get_mut(&id).expect("sized").score.observe(values);
-            }
+            });
         });
     }
 
@@ -224,30 +228,31 @@ fn task_inputs(ids: &[usize], base: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// βᵢ at element `j`: intra- times inter-balancing.
-fn score(
-    balance: &Balance,
-    tasks: &[(usize, usize)],
-    id: usize,
-    input: usize,
-    base: usize,
-    inputs: &[&[f32]],
-    j: usize,
-) -> f32 {
-    let n = tasks.len() as f32;
-    let tau = inputs[input][j] - inputs[base][j];
-    let sum: f32 = tasks
-        .iter()
-        .map(|&(i, _)| inputs[i][j] - inputs[base][j])
-        .sum();
-    let (lo, hi, _, _) = balance.rows[&id];
-    let clipped = tau.abs().clamp(lo, hi.max(lo));
-    let norm = if hi > lo {
-        (clipped - lo) / (hi - lo)
-    } else {
-        0.0
-    };
-    (n * norm * norm).exp() * (tau * sum).tanh()
+/// Σᵢ τᵢ over the task inputs, in their order.
+fn task_sum(tasks: &[(usize, usize)], base: usize, inputs: &[&[f32]], sum: &mut [f32]) {
+    sum.fill(0.0);
+    for &(input, _) in tasks {
+        for ((s, x), b) in sum.iter_mut().zip(inputs[input]).zip(inputs[base]) {
+            *s += x - b;
+        }
+    }
+}
+
+/// βᵢ of one task over a block: intra- times inter-balancing, from its inputs `x`, the base
+/// `b`, the task sum and its clip range [lo, hi]; `n` is the number of tasks.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+fn scores(x: &[f32], b: &[f32], sum: &[f32], lo: f32, hi: f32, n: f32, out: &mut [f32]) {
+    let hi = hi.max(lo);
+    let range = hi - lo;
+    for (((o, x), b), s) in out.iter_mut().zip(x).zip(b).zip(sum) {
+        let tau = x - b;
+        let norm = if range > 0.0 {
+            (tau.abs().clamp(lo, hi) - lo) / range
+        } else {
+            0.0
+        };
+        *o = math::exp(n * norm * norm) * math::tanh(tau * s);
+    }
 }
 
 /// Writes the merged block from the balance.
@@ -260,23 +265,60 @@ fn merge_block(
     out: &mut [f32],
 ) {
     let tasks = task_inputs(ids, base);
-    for (j, o) in out.iter_mut().enumerate() {
-        let b = inputs[base][j];
-        let (mut mixed, mut total) = (0f32, 0f32);
-        for &(input, id) in &tasks {
-            let (lo, hi, t, max) = balance.rows[&id];
-            let tau = inputs[input][j] - b;
-            let clipped = tau.signum() * tau.abs().clamp(lo, hi.max(lo));
-            let beta = score(balance, &tasks, id, input, base, inputs, j);
-            let weight = if max > t {
-                (beta.max(t) - t) / (max - t)
-            } else {
-                0.0
-            };
-            mixed += weight * clipped;
-            total += weight;
-        }
-        *o = b + settings.lambda * mixed / total.max(1e-12);
+    let n = tasks.len() as f32;
+    let len = out.len();
+    crate::kernels::with_scratch(len, |sum| {
+        crate::kernels::with_scratch(len, |beta| {
+            crate::kernels::with_scratch(len, |total| {
+                task_sum(&tasks, base, inputs, sum);
+                out.fill(0.0);
+                total.fill(0.0);
+                for &(input, id) in &tasks {
+                    let (lo, hi, t, max) = balance.rows[&id];
+                    scores(inputs[input], inputs[base], sum, lo, hi, n, beta);
+                    accumulate(
+                        inputs[input],
+                        inputs[base],
+                        beta,
+                        (lo, hi, t, max),
+                        out,
+                        total,
+                    );
+                }
+                let lambda = settings.lambda;
+                for ((o, b), total) in out.iter_mut().zip(inputs[base]).zip(&*total) {
+                    *o = b + lambda * *o / total.max(1e-12);
+                }
+            })
+        })
+    });
+}
+
+/// Adds one task's weight β̂ᵢ·τcᵢ to `mixed` and β̂ᵢ to `total`.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+fn accumulate(
+    x: &[f32],
+    b: &[f32],
+    beta: &[f32],
+    (lo, hi, t, max): (f32, f32, f32, f32),
+    mixed: &mut [f32],
+    total: &mut [f32],
+) {
+    let hi = hi.max(lo);
+    let elements = mixed
+        .iter_mut()
+        .zip(total.iter_mut())
+        .zip(x.iter().zip(b).zip(beta));
+    for ((m, total), ((x, b), beta)) in elements {
+        let tau = x - b;
+        let clipped = tau.abs().clamp(lo, hi).copysign(tau);
+        let weight = if max > t {
+            (beta.max(t) - t) / (max - t)
+        } else {
+            0.0
+        };
+        *m += weight * clipped;
+        *total += weight;
     }
 }
 
