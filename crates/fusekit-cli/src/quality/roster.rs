@@ -4,7 +4,7 @@
 
 /// The scales tried (λ of task arithmetic, TIES, DARE, DELLA, breadcrumbs, PCB; α of TSV;
 /// the scale of ISO-C).
-pub const SCALES: [f64; 7] = [0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0];
+pub const SCALES: [f64; 9] = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
