@@ -180,6 +180,23 @@ impl SuiteReport {
         }
     }
 
+    /// The share of the experts' fine-tuning gain a row keeps: Σₜ(accₜ − baseₜ) over
+    /// Σₜ(ownₜ − baseₜ), where the base is evaluated with each task's head. It reads 0 for the
+    /// base and 1 for a model as good as every expert; unlike `normalized`, it does not credit a
+    /// merge with what the base already did. NaN when the experts gained nothing.
+    pub fn gain_kept(&self, row: &Row) -> f64 {
+        let Some(base) = self.rows.iter().find(|r| r.kind == Kind::Base) else {
+            return f64::NAN;
+        };
+        let gained: f64 = self.own().iter().zip(&base.test).map(|(o, b)| o - b).sum();
+        let kept: f64 = row.test.iter().zip(&base.test).map(|(a, b)| a - b).sum();
+        if gained > 0.0 && !row.test.is_empty() {
+            kept / gained
+        } else {
+            f64::NAN
+        }
+    }
+
     /// The row of `kind` with the best mean.
     pub fn best(&self, kind: Kind) -> Option<&Row> {
         self.rows
@@ -193,8 +210,8 @@ impl SuiteReport {
         for task in &self.tasks {
             out += &format!(" {task} |");
         }
-        out += " mean | normalized |\n|---|---|";
-        out += &"---|".repeat(self.tasks.len() + 2);
+        out += " mean | normalized | gain kept |\n|---|---|";
+        out += &"---|".repeat(self.tasks.len() + 3);
         out += "\n";
         for row in &self.rows {
             let kind = match row.kind {
@@ -204,16 +221,17 @@ impl SuiteReport {
             out += &format!("| {}{kind} | {} |", row.name, row.chosen);
             if let Some(note) = &row.note {
                 let note = note.lines().next().unwrap_or("").replace('|', "/");
-                out += &format!(" {note} |{}\n", " |".repeat(self.tasks.len() + 1));
+                out += &format!(" {note} |{}\n", " |".repeat(self.tasks.len() + 2));
                 continue;
             }
             for a in &row.test {
                 out += &format!(" {a:.3} |");
             }
             out += &format!(
-                " **{:.3}** | {:.1} % |\n",
+                " **{:.3}** | {:.1} % | {:.0} % |\n",
                 row.mean,
-                100.0 * self.normalized(row)
+                100.0 * self.normalized(row),
+                100.0 * self.gain_kept(row)
             );
         }
         out += "\n";
@@ -238,13 +256,14 @@ impl SuiteReport {
         ] {
             if let Some(best) = self.best(kind) {
                 let normalized = 100.0 * self.normalized(best);
+                let kept = 100.0 * self.gain_kept(best);
                 let verdict = if normalized >= target {
                     "target met".to_string()
                 } else {
                     format!("{:.1} points short", target - normalized)
                 };
                 out += &format!(
-                    "- best {what} method: {} {} (mean {:.3}, {normalized:.1} % normalized; target ≥ {target} %: {verdict})\n",
+                    "- best {what} method: {} {} (mean {:.3}, {normalized:.1} % normalized, {kept:.0} % of the experts' gain kept; target ≥ {target} %: {verdict})\n",
                     best.name, best.chosen, best.mean
                 );
             }
@@ -259,6 +278,7 @@ impl SuiteReport {
             .map(|r| {
                 let mut v = serde_json::to_value(r).expect("plain values");
                 v["normalized"] = serde_json::json!(finite(self.normalized(r)));
+                v["gain_kept"] = serde_json::json!(finite(self.gain_kept(r)));
                 v["mean"] = serde_json::json!(finite(r.mean));
                 v
             })
@@ -283,8 +303,9 @@ pub fn write(dir: &Path, reports: &[SuiteReport], seed: u64, small: bool) -> Res
     let mut md = String::from("## Quality benchmark\n\n");
     md += &format!(
         "`fusekit bench quality{}{}`; accuracy on each task's test split with that task's own head; \
-         normalized = accuracy over the expert's own, averaged over tasks; each method's setting \
-         chosen on a validation split.\n\n",
+         normalized = accuracy over the expert's own, averaged over tasks; gain kept = the share \
+         of the experts' gain over the base (with the same heads) that a model keeps; each \
+         method's setting chosen on a validation split.\n\n",
         if small { " --small" } else { "" },
         if seed != 0 { format!(" --seed {seed}") } else { String::new() }
     );
@@ -309,4 +330,43 @@ pub fn write(dir: &Path, reports: &[SuiteReport], seed: u64, small: bool) -> Res
 
 fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(rows: Vec<Row>) -> SuiteReport {
+        SuiteReport {
+            name: "t".into(),
+            tasks: vec!["a".into(), "b".into()],
+            rows,
+            training_seconds: 0.0,
+            settings: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn gain_kept_and_normalized_by_hand() {
+        let now = Instant::now();
+        let rows = vec![
+            Row::reference("pre-trained base", vec![0.5, 0.6], now),
+            Row::reference("expert: a", vec![0.9, 0.5], now),
+            Row::reference("expert: b", vec![0.4, 0.8], now),
+            Row::method("m", Family::DataFree, "", vec![], 0.0, vec![0.7, 0.7]),
+        ];
+        let r = report(rows);
+        // Gains: 0.4 on a, 0.2 on b; the merge keeps 0.2 + 0.1.
+        assert!((r.gain_kept(&r.rows[3]) - 0.5).abs() < 1e-12);
+        assert_eq!(r.gain_kept(&r.rows[0]), 0.0);
+        assert!((r.normalized(&r.rows[3]) - (0.7 / 0.9 + 0.7 / 0.8) / 2.0).abs() < 1e-12);
+        assert!(r.table().contains("| 50 % |"));
+        // Experts no better than the base: nothing to keep.
+        let flat = report(vec![
+            Row::reference("pre-trained base", vec![0.5, 0.6], now),
+            Row::reference("expert: a", vec![0.5, 0.5], now),
+            Row::reference("expert: b", vec![0.4, 0.6], now),
+        ]);
+        assert!(flat.gain_kept(&flat.rows[0]).is_nan());
+    }
 }
