@@ -223,8 +223,12 @@ mod tests {
         let experts = ["a".to_string(), "b".to_string()];
         let tried = settings(ties, "base", &experts, &[], Default::default());
         assert_eq!(tried.len(), SCALES.len());
-        assert!(tried[1].yaml.contains("parameters: {lambda: 0.5}"));
-        assert!(tried[1].yaml.contains("base_model: base"));
+        for (setting, scale) in tried.iter().zip(SCALES) {
+            assert!(setting
+                .yaml
+                .contains(&format!("parameters: {{lambda: {scale}}}")));
+            assert!(setting.yaml.contains("base_model: base"));
+        }
         let fisher = roster.iter().find(|e| e.method == "fisher").unwrap();
         let files = ["a.jsonl".to_string(), "b.jsonl".to_string()];
         let sampled = DataAwareSettings {
