@@ -18,9 +18,9 @@ pub struct MagPrune {
     span: f64,
     key: u64,
     bits: Vec<u64>,
-    /// Row positions in ascending magnitude order, and the radix sort's scratch.
-    order: Vec<u32>,
-    scratch: Vec<u32>,
+    /// The row's (magnitude bits, position) keys in ascending order, and the sort's scratch.
+    keys: Vec<u64>,
+    scratch: Vec<u64>,
 }
 
 impl MagPrune {
@@ -31,14 +31,14 @@ impl MagPrune {
             span: 2.0 * epsilon,
             key,
             bits: vec![0; numel.div_ceil(64)],
-            order: Vec::new(),
+            keys: Vec::new(),
             scratch: Vec::new(),
         }
     }
 
     /// The bytes a mask for `numel` elements with rows of `row_len` holds.
     pub fn memory(numel: usize, row_len: usize) -> usize {
-        numel.div_ceil(64) * 8 + row_len * 12
+        numel.div_ceil(64) * 8 + row_len * 16
     }
 
     /// The next block of the model and the base, in index order.
@@ -49,7 +49,7 @@ impl MagPrune {
             span,
             key,
             bits,
-            order,
+            keys,
             scratch,
         } = self;
         super::with_scratch(x.len(), |magnitude| {
@@ -59,12 +59,12 @@ impl MagPrune {
             rows.push(&[magnitude], |row, values| {
                 let values = values[0];
                 let first = row * values.len();
-                sort_by_magnitude(values, order, scratch);
+                sort_by_magnitude(values, keys, scratch);
                 let top = (values.len() - 1) as f64;
-                for (rank, &j) in order.iter().enumerate() {
+                for (rank, &sorted) in keys.iter().enumerate() {
                     let rank_norm = if top > 0.0 { rank as f64 / top } else { 0.5 };
                     let p = *low + rank_norm * *span;
-                    let index = first + j as usize;
+                    let index = first + position(sorted);
                     if rng::uniform(*key, index as u64) < p {
                         bits[index / 64] |= 1 << (index % 64);
                     }
@@ -79,19 +79,25 @@ impl MagPrune {
     }
 }
 
-/// Positions of `values` (non-negative) in ascending order, equal values by position: a stable
-/// least-significant-digit radix sort of the f32 bit patterns (which order like non-negative
-/// floats), 8 bits a pass, skipping bytes all values share. Several times faster than a
-/// comparison sort on rows of thousands.
-fn sort_by_magnitude(values: &[f32], order: &mut Vec<u32>, scratch: &mut Vec<u32>) {
-    order.clear();
-    order.extend(0..values.len() as u32);
+/// `values` (non-negative) in ascending order, equal values by position, as keys of the f32 bit
+/// pattern (which orders like a non-negative float) over the position: a stable
+/// least-significant-digit radix sort on the pattern's bytes, skipping bytes all values share.
+/// Keys carry their position, so each pass reads one array in order instead of looking values
+/// up through an index; several times faster than a comparison sort on rows of thousands.
+fn sort_by_magnitude(values: &[f32], keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
+    keys.clear();
+    keys.extend(
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.to_bits() as u64) << 32 | i as u64),
+    );
     scratch.resize(values.len(), 0);
-    for shift in [0u32, 8, 16, 24] {
-        let digit = |i: u32| ((values[i as usize].to_bits() >> shift) & 0xFF) as usize;
+    for shift in [32u32, 40, 48, 56] {
+        let digit = |k: u64| ((k >> shift) & 0xFF) as usize;
         let mut counts = [0usize; 256];
-        for &i in order.iter() {
-            counts[digit(i)] += 1;
+        for &k in keys.iter() {
+            counts[digit(k)] += 1;
         }
         if counts.contains(&values.len()) {
             continue;
@@ -100,13 +106,18 @@ fn sort_by_magnitude(values: &[f32], order: &mut Vec<u32>, scratch: &mut Vec<u32
         for c in counts.iter_mut() {
             (*c, next) = (next, next + *c);
         }
-        for &i in order.iter() {
-            let d = digit(i);
-            scratch[counts[d]] = i;
+        for &k in keys.iter() {
+            let d = digit(k);
+            scratch[counts[d]] = k;
             counts[d] += 1;
         }
-        std::mem::swap(order, scratch);
+        std::mem::swap(keys, scratch);
     }
+}
+
+/// The row position a sort key carries.
+fn position(key: u64) -> usize {
+    (key & 0xFFFF_FFFF) as usize
 }
 
 #[cfg(test)]
@@ -150,8 +161,9 @@ mod tests {
                 _ => (rng::uniform(key, i) * 30.0 - 15.0).exp() as f32,
             })
             .collect();
-        let (mut order, mut scratch) = (Vec::new(), Vec::new());
-        sort_by_magnitude(&values, &mut order, &mut scratch);
+        let (mut keys, mut scratch) = (Vec::new(), Vec::new());
+        sort_by_magnitude(&values, &mut keys, &mut scratch);
+        let order: Vec<u32> = keys.iter().map(|&k| position(k) as u32).collect();
         let mut want: Vec<u32> = (0..values.len() as u32).collect();
         want.sort_by(|&a, &b| {
             values[a as usize]
