@@ -171,11 +171,11 @@ impl Statistics {
                 }
                 return;
             }
+            let n = tasks.len() as f32;
             crate::kernels::with_scratch(len, |sum| {
                 task_sum(&tasks, base, inputs, sum);
                 for &(input, id) in &tasks {
                     let (lo, hi, _, _) = self.current.rows[&id];
-                    let n = tasks.len() as f32;
                     scores(inputs[input], inputs[base], sum, lo, hi, n, values);
                     self.rows.get_mut(&id).expect("sized").score.observe(values);
                 }
