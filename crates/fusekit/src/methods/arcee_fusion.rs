@@ -39,6 +39,8 @@ struct ArceeFusionMerger {
     /// Pass 0 reassembles rows; then the KL of every row.
     rows: Option<RowBuffer>,
     kl: Vec<f32>,
+    /// Scratch for one row's softmax exponentials of each model, reused from row to row.
+    terms: [Vec<f64>; 2],
     select: RadixSelect,
     threshold: f32,
 }
@@ -64,6 +66,7 @@ impl Method for ArceeFusion {
             row_len,
             rows: Some(RowBuffer::new(row_len, 2)),
             kl: Vec::with_capacity(ctx.numel.div_ceil(row_len)),
+            terms: [Vec::with_capacity(row_len), Vec::with_capacity(row_len)],
             select: RadixSelect::new(&ranks),
             threshold: f32::INFINITY,
         }))
@@ -71,18 +74,19 @@ impl Method for ArceeFusion {
 }
 
 /// KL(softmax(p) + floor ‖ softmax(q) + floor) of one row, in f64. Each exponential is taken
-/// once: they dominate the method's time.
-fn row_kl(p: &[f32], q: &[f32]) -> f32 {
-    let softmax_terms = |x: &[f32]| {
+/// once (they dominate the method's time), into `terms`.
+fn row_kl(p: &[f32], q: &[f32], terms: &mut [Vec<f64>; 2]) -> f32 {
+    let softmax_terms = |x: &[f32], terms: &mut Vec<f64>| {
         let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let terms: Vec<f64> = x.iter().map(|&v| (v as f64 - max).exp()).collect();
-        let sum: f64 = terms.iter().sum();
-        (terms, sum)
+        terms.clear();
+        terms.extend(x.iter().map(|&v| (v as f64 - max).exp()));
+        terms.iter().sum::<f64>()
     };
-    let ((p_terms, psum), (q_terms, qsum)) = (softmax_terms(p), softmax_terms(q));
+    let [p_terms, q_terms] = terms;
+    let (psum, qsum) = (softmax_terms(p, p_terms), softmax_terms(q, q_terms));
     let kl: f64 = p_terms
         .iter()
-        .zip(&q_terms)
+        .zip(q_terms.iter())
         .map(|(&a, &b)| {
             let pa = a / psum + PROBABILITY_FLOOR;
             let qb = b / qsum + PROBABILITY_FLOOR;
@@ -110,8 +114,9 @@ impl TensorMerger for ArceeFusionMerger {
     fn observe(&mut self, pass: usize, start: usize, inputs: &[&[f32]]) {
         let (p, b) = (inputs[self.other], inputs[self.base]);
         if pass == 0 {
-            let (rows, kl) = (self.rows.as_mut().expect("pass 0 runs once"), &mut self.kl);
-            rows.push(&[p, b], |_, row| kl.push(row_kl(row[0], row[1])));
+            let rows = self.rows.as_mut().expect("pass 0 runs once");
+            let (kl, terms) = (&mut self.kl, &mut self.terms);
+            rows.push(&[p, b], |_, row| kl.push(row_kl(row[0], row[1], terms)));
             return;
         }
         crate::kernels::with_scratch(p.len(), |importance| {
