@@ -10,47 +10,61 @@
 
 use super::rows::RowBuffer;
 use crate::rng;
+use multiversion::multiversion;
 
 #[derive(Debug)]
 pub struct MagPrune {
     rows: RowBuffer,
-    low: f64,
-    span: f64,
+    /// Keep probability by rank, `density − ε + 2ε·rank/(m − 1)`: the same for every row.
+    keep_by_rank: Vec<f64>,
     key: u64,
     bits: Vec<u64>,
-    /// The row's (magnitude bits, position) keys in ascending order, and the sort's scratch.
+    /// Per-row scratch: the (magnitude bits, position) keys in ascending order, the sort's
+    /// buffer, the row's draws and its keep decisions by position.
     keys: Vec<u64>,
     scratch: Vec<u64>,
+    draws: Vec<f64>,
+    kept: Vec<bool>,
 }
 
 impl MagPrune {
     pub fn new(numel: usize, row_len: usize, density: f64, epsilon: f64, key: u64) -> MagPrune {
+        let (low, span) = (density - epsilon, 2.0 * epsilon);
+        let top = (row_len.max(1) - 1) as f64;
+        let keep_by_rank = (0..row_len.max(1))
+            .map(|rank| {
+                let rank_norm = if top > 0.0 { rank as f64 / top } else { 0.5 };
+                low + rank_norm * span
+            })
+            .collect();
         MagPrune {
             rows: RowBuffer::new(row_len, 1),
-            low: density - epsilon,
-            span: 2.0 * epsilon,
+            keep_by_rank,
             key,
             bits: vec![0; numel.div_ceil(64)],
             keys: Vec::new(),
             scratch: Vec::new(),
+            draws: Vec::new(),
+            kept: Vec::new(),
         }
     }
 
     /// The bytes a mask for `numel` elements with rows of `row_len` holds.
     pub fn memory(numel: usize, row_len: usize) -> usize {
-        numel.div_ceil(64) * 8 + row_len * 16
+        numel.div_ceil(64) * 8 + row_len * 33
     }
 
     /// The next block of the model and the base, in index order.
     pub fn observe(&mut self, x: &[f32], base: &[f32]) {
         let Self {
             rows,
-            low,
-            span,
+            keep_by_rank,
             key,
             bits,
             keys,
             scratch,
+            draws,
+            kept,
         } = self;
         super::with_scratch(x.len(), |magnitude| {
             for ((m, &v), &b) in magnitude.iter_mut().zip(x).zip(base) {
@@ -60,14 +74,16 @@ impl MagPrune {
                 let values = values[0];
                 let first = row * values.len();
                 sort_by_magnitude(values, keys, scratch);
-                let top = (values.len() - 1) as f64;
-                for (rank, &sorted) in keys.iter().enumerate() {
-                    let rank_norm = if top > 0.0 { rank as f64 / top } else { 0.5 };
-                    let p = *low + rank_norm * *span;
-                    let index = first + position(sorted);
-                    if rng::uniform(*key, index as u64) < p {
-                        bits[index / 64] |= 1 << (index % 64);
-                    }
+                draws.resize(values.len(), 0.0);
+                uniform_draws(*key, first as u64, draws);
+                kept.resize(values.len(), false);
+                for (&sorted, &p) in keys.iter().zip(keep_by_rank.iter()) {
+                    let at = position(sorted);
+                    kept[at] = draws[at] < p;
+                }
+                for (j, &keep) in kept.iter().enumerate() {
+                    let index = first + j;
+                    bits[index / 64] |= (keep as u64) << (index % 64);
                 }
             });
         });
@@ -79,12 +95,28 @@ impl MagPrune {
     }
 }
 
+/// `rng::uniform(key, first + j)` for every j, in a loop the 64-bit multiplies vectorise.
+#[multiversion(targets("x86_64+avx512f+avx512dq+avx512vl", "x86_64+avx2+fma"))]
+fn uniform_draws(key: u64, first: u64, draws: &mut [f64]) {
+    for (j, d) in draws.iter_mut().enumerate() {
+        *d = rng::uniform(key, first + j as u64);
+    }
+}
+
 /// `values` (non-negative) in ascending order, equal values by position, as keys of the f32 bit
 /// pattern (which orders like a non-negative float) over the position: a stable
-/// least-significant-digit radix sort on the pattern's bytes, skipping bytes all values share.
-/// Keys carry their position, so each pass reads one array in order instead of looking values
-/// up through an index; several times faster than a comparison sort on rows of thousands.
+/// least-significant-digit radix sort. Keys carry their position, so each pass reads one array
+/// in order instead of looking values up through an index; several times faster than a
+/// comparison sort on rows of thousands. The digits are the 8-bit groups of just the bits that
+/// differ between values (task vectors of bf16 weights have about 16), and every digit's counts
+/// come from one read of the values. (Scattering several parts of the row in step, to break the
+/// chains of stores into one bucket, was measured slower: rows are short, and the per-part
+/// offsets cost more than the chains.)
 fn sort_by_magnitude(values: &[f32], keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
+    let (any, all) = values.iter().fold((0u32, u32::MAX), |(any, all), v| {
+        (any | v.to_bits(), all & v.to_bits())
+    });
+    let varying = any ^ all;
     keys.clear();
     keys.extend(
         values
@@ -92,22 +124,30 @@ fn sort_by_magnitude(values: &[f32], keys: &mut Vec<u64>, scratch: &mut Vec<u64>
             .enumerate()
             .map(|(i, v)| (v.to_bits() as u64) << 32 | i as u64),
     );
-    scratch.resize(values.len(), 0);
-    for shift in [32u32, 40, 48, 56] {
-        let digit = |k: u64| ((k >> shift) & 0xFF) as usize;
-        let mut counts = [0usize; 256];
-        for &k in keys.iter() {
-            counts[digit(k)] += 1;
+    if varying == 0 {
+        return;
+    }
+    let low = varying.trailing_zeros();
+    let digits = (32 - varying.leading_zeros() - low).div_ceil(8) as usize;
+    let mut counts = [[0usize; 256]; 4];
+    for v in values {
+        let bits = v.to_bits() >> low;
+        for (digit, c) in counts[..digits].iter_mut().enumerate() {
+            c[(bits >> (8 * digit) & 0xFF) as usize] += 1;
         }
+    }
+    scratch.resize(values.len(), 0);
+    for (digit, counts) in counts[..digits].iter_mut().enumerate() {
         if counts.contains(&values.len()) {
             continue;
         }
+        let shift = 32 + low + 8 * digit as u32;
         let mut next = 0;
         for c in counts.iter_mut() {
             (*c, next) = (next, next + *c);
         }
         for &k in keys.iter() {
-            let d = digit(k);
+            let d = ((k >> shift) & 0xFF) as usize;
             scratch[counts[d]] = k;
             counts[d] += 1;
         }
