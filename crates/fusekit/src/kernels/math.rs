@@ -1,6 +1,7 @@
-//! Elementary functions in plain f32 arithmetic, for loops that call them per element (PCB's
-//! balancing scores take an `exp` and a `tanh` per element and model). libm's scalar calls
-//! keep such a loop from vectorising; these are branch-free, so the loops around them do.
+//! Elementary functions in plain IEEE arithmetic, for loops that call them per element (PCB's
+//! balancing scores take an `exp` and a `tanh` per element and model, Arcee Fusion's row KL
+//! divergences two `exp` and a `ln` in f64). libm's scalar calls keep such a loop from
+//! vectorising; these are branch-free, so the loops around them do.
 //!
 //! Only IEEE additions, multiplications, divisions and bit casts are used, never a fused
 //! multiply-add, so the result is the same bits whether a loop runs scalar, on AVX2 or on
@@ -52,6 +53,66 @@ pub fn tanh(x: f32) -> f32 {
     }
 }
 
+/// ln 2 split for f64 (fdlibm's): `n·LN2_HI_F64` is exact for |n| < 2¹¹.
+const LN2_HI_F64: f64 = 6.931_471_803_691_238_164_9e-1;
+const LN2_LO_F64: f64 = 1.908_214_929_270_587_700_02e-10;
+/// 1.5·2⁵²: adding and subtracting it rounds an f64 of magnitude < 2⁵¹ to an integer.
+const ROUND_F64: f64 = 6_755_399_441_055_744.0;
+
+/// eˣ in f64, for x in [-708, 709] (clamped outside: 0 is approached as 2⁻¹⁰²², not reached).
+#[inline(always)]
+pub fn exp_f64(x: f64) -> f64 {
+    let x = x.clamp(-708.0, 709.0);
+    let n = (x * std::f64::consts::LOG2_E + ROUND_F64) - ROUND_F64;
+    let r = (x - n * LN2_HI_F64) - n * LN2_LO_F64;
+    // Taylor to r¹³ on |r| ≤ ln2/2: the remainder is below 10⁻¹⁷.
+    let mut p = 1.0 / 6_227_020_800.0;
+    for k in (2..=12).rev() {
+        p = p * r + 1.0 / FACTORIALS[k];
+    }
+    let er = (p * r * r + r) + 1.0;
+    er * f64::from_bits(((n as i64 + 1023) as u64) << 52)
+}
+
+/// k! for k ≤ 12, exact in f64.
+const FACTORIALS: [f64; 13] = [
+    1.0,
+    1.0,
+    2.0,
+    6.0,
+    24.0,
+    120.0,
+    720.0,
+    5_040.0,
+    40_320.0,
+    362_880.0,
+    3_628_800.0,
+    39_916_800.0,
+    479_001_600.0,
+];
+
+/// ln x in f64, for positive normal x (ratios of probabilities, never 0 or subnormal here).
+#[inline(always)]
+pub fn ln_f64(x: f64) -> f64 {
+    // x = m·2ᵉ with m in [√½, √2), so that s = (m − 1)/(m + 1) stays within ±0.172.
+    let bits = x.to_bits();
+    let mut e = ((bits >> 52) & 0x7FF) as i64 - 1023;
+    let mut m = f64::from_bits((bits & 0x000F_FFFF_FFFF_FFFF) | (1023 << 52));
+    let high = m > std::f64::consts::SQRT_2;
+    m = if high { m * 0.5 } else { m };
+    e += high as i64;
+    let s = (m - 1.0) / (m + 1.0);
+    let z = s * s;
+    // ln m = 2·atanh s = 2(s + s³/3 + s⁵/5 + …), to s²³: the remainder is below 10⁻¹⁸.
+    let mut p = 1.0 / 23.0;
+    for k in (0..11).rev() {
+        p = p * z + 1.0 / (2 * k + 1) as f64;
+    }
+    let ln_m = 2.0 * s * p;
+    let e = e as f64;
+    e * LN2_HI_F64 + (ln_m + e * LN2_LO_F64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +134,39 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
         assert!(exp(1000.0).is_finite());
+    }
+
+    fn ulps_f64(a: f64, b: f64) -> u64 {
+        (a.to_bits() as i128 - b.to_bits() as i128).unsigned_abs() as u64
+    }
+
+    #[test]
+    fn exp_f64_is_within_a_few_ulp_of_libm() {
+        let steps = 400_000;
+        let grid = (0..=steps).map(|i| -708.0 + 1417.0 * i as f64 / steps as f64);
+        for x in grid.chain([0.0, -0.0, 1e-12, -1e-12, 1.0, -0.5, 0.3465]) {
+            let (got, want) = (exp_f64(x), x.exp());
+            assert!(ulps_f64(got, want) <= 2, "exp({x}) = {got}, libm {want}");
+        }
+        assert_eq!(exp_f64(0.0), 1.0);
+        assert!(exp_f64(-1e4) > 0.0 && exp_f64(-1e4) < 1e-307);
+    }
+
+    #[test]
+    fn ln_f64_is_within_a_few_ulp_of_libm() {
+        let steps = 400_000;
+        // Ratios from 10⁻¹² to 10¹², and the neighbourhood of 1 where ln is small.
+        let wide = (0..=steps).map(|i| 10f64.powf(-12.0 + 24.0 * i as f64 / steps as f64));
+        let near_one = (0..=steps).map(|i| 0.9 + 0.2 * i as f64 / steps as f64);
+        for x in wide
+            .chain(near_one)
+            .chain([1.0, 2.0, 0.5, std::f64::consts::SQRT_2])
+        {
+            let (got, want) = (ln_f64(x), x.ln());
+            let close = ulps_f64(got, want) <= 4;
+            assert!(close, "ln({x}) = {got}, libm {want}");
+        }
+        assert_eq!(ln_f64(1.0), 0.0);
     }
 
     #[test]

@@ -8,13 +8,16 @@
 //!
 //! Better than mergekit: the quantiles are exact over the whole tensor (mergekit samples 10⁶
 //! elements without a seed beyond that size), and the output has the requested dtype (mergekit's
-//! float32 mask promotes every output to float32, issue #604). KL sums run in f64. Passes: the
+//! float32 mask promotes every output to float32, issue #604). KL sums run in f64, in eight
+//! fixed lanes with polynomial `exp` and `ln` (a few ulp of libm's, `kernels::math`). Passes: the
 //! row KLs, then two counting passes for the exact quantiles (`kernels::quantile`).
 
 use super::*;
 use crate::error::Error;
+use crate::kernels::math;
 use crate::kernels::quantile::RadixSelect;
 use crate::kernels::rows::{row_length, RowBuffer};
+use multiversion::multiversion;
 
 pub struct ArceeFusion;
 
@@ -74,34 +77,56 @@ impl Method for ArceeFusion {
 }
 
 /// KL(softmax(p) + floor ‖ softmax(q) + floor) of one row, in f64. Each exponential is taken
-/// once (they dominate the method's time), into `terms`.
+/// once, into `terms`, with the branch-free `exp` and `ln` of `kernels::math` and sums in eight
+/// fixed lanes, so the loops vectorise and the result is the same on every CPU.
+#[multiversion(targets("x86_64+avx512f+avx512dq+avx512vl", "x86_64+avx2+fma"))]
 fn row_kl(p: &[f32], q: &[f32], terms: &mut [Vec<f64>; 2]) -> f32 {
     let softmax_terms = |x: &[f32], terms: &mut Vec<f64>| {
         let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
         terms.clear();
-        terms.extend(x.iter().map(|&v| (v as f64 - max).exp()));
-        terms.iter().sum::<f64>()
+        terms.extend(x.iter().map(|&v| math::exp_f64(v as f64 - max)));
+        sum_in_lanes(terms)
     };
     let [p_terms, q_terms] = terms;
     let (psum, qsum) = (softmax_terms(p, p_terms), softmax_terms(q, q_terms));
-    let kl: f64 = p_terms
-        .iter()
-        .zip(q_terms.iter())
-        .map(|(&a, &b)| {
-            let pa = a / psum + PROBABILITY_FLOOR;
-            let qb = b / qsum + PROBABILITY_FLOOR;
-            pa * (pa / qb).ln()
-        })
-        .sum();
+    for (a, &b) in p_terms.iter_mut().zip(q_terms.iter()) {
+        let pa = *a / psum + PROBABILITY_FLOOR;
+        let qb = b / qsum + PROBABILITY_FLOOR;
+        *a = pa * math::ln_f64(pa / qb);
+    }
     // Gibbs: never negative but for rounding; the quantile search needs non-negative values.
-    kl.max(0.0) as f32
+    sum_in_lanes(p_terms).max(0.0) as f32
+}
+
+/// Σ xs as eight interleaved partial sums added pairwise: one fixed order of additions.
+#[inline(always)]
+fn sum_in_lanes(xs: &[f64]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    for (lane, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+        *lane += x;
+    }
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += x;
+        }
+    }
+    let [a, b, c, d, e, f, g, h] = lanes;
+    ((a + e) + (c + g)) + ((b + f) + (d + h))
 }
 
 impl ArceeFusionMerger {
-    /// The importances of one block into `out`.
+    /// The importances of one block into `out`, a row's stretch at a time.
     fn importance(&self, start: usize, p: &[f32], b: &[f32], out: &mut [f32]) {
-        for (j, ((o, &x), &y)) in out.iter_mut().zip(p).zip(b).enumerate() {
-            *o = (x - y).abs() * self.kl[(start + j) / self.row_len];
+        let mut at = 0;
+        while at < out.len() {
+            let row = (start + at) / self.row_len;
+            let end = ((row + 1) * self.row_len - start).min(out.len());
+            let kl = self.kl[row];
+            for ((o, &x), &y) in out[at..end].iter_mut().zip(&p[at..end]).zip(&b[at..end]) {
+                *o = (x - y).abs() * kl;
+            }
+            at = end;
         }
     }
 }
