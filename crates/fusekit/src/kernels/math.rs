@@ -54,8 +54,8 @@ pub fn tanh(x: f32) -> f32 {
 }
 
 /// ln 2 split for f64 (fdlibm's): `n·LN2_HI_F64` is exact for |n| < 2¹¹.
-const LN2_HI_F64: f64 = 6.931_471_803_691_238_164_9e-1;
-const LN2_LO_F64: f64 = 1.908_214_929_270_587_700_02e-10;
+const LN2_HI_F64: f64 = 6.931_471_803_691_238e-1;
+const LN2_LO_F64: f64 = 1.908_214_929_270_587_7e-10;
 /// 1.5·2⁵²: adding and subtracting it rounds an f64 of magnitude < 2⁵¹ to an integer.
 const ROUND_F64: f64 = 6_755_399_441_055_744.0;
 
