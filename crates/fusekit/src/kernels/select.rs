@@ -16,6 +16,7 @@
 //!    the tie cutoff.
 
 use super::BLOCK;
+use multiversion::multiversion;
 
 /// Blocks read for the sample that brackets the k-th magnitude (16 × 4096 values).
 const SAMPLE_BLOCKS: usize = 16;
@@ -135,6 +136,8 @@ impl TopK {
     pub fn wants_block(&self, start: usize) -> bool {
         match &self.stage {
             Stage::Sample { stride, .. } => (start / BLOCK).is_multiple_of(*stride),
+            // Once the tie cutoff is found, the rest of the pass is not read.
+            Stage::Ties { seen, take, .. } => seen < take,
             Stage::Done(_) => false,
             _ => true,
         }
@@ -196,11 +199,20 @@ impl TopK {
                 seen,
                 cutoff,
             } => {
+                if *seen >= *take {
+                    return;
+                }
+                let equal = count_equal(x, base, *bits);
+                if *seen + equal < *take {
+                    *seen += equal;
+                    return;
+                }
                 for j in 0..x.len() {
                     if bits_at(j) == *bits {
                         *seen += 1;
                         if *seen == *take {
                             *cutoff = start + j + 1;
+                            return;
                         }
                     }
                 }
@@ -378,6 +390,15 @@ impl WindowHistogram {
     }
 }
 
+/// How many of |x − base| have the magnitude bits `bits`.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+fn count_equal(x: &[f32], base: &[f32], bits: u32) -> usize {
+    x.iter()
+        .zip(base)
+        .map(|(&v, &b)| (magnitude_bits(v - b) == bits) as u32)
+        .sum::<u32>() as usize
+}
+
 /// Scans one block of |x − base|: returns how many magnitudes exceed `hi`, and how many lie in
 /// [lo, hi], whose bits and block offsets are packed at the front of `bits` and `at`.
 fn window_scan(
@@ -503,14 +524,17 @@ mod tests {
         run_search(TopK::new(k, values.len()), values, block)
     }
 
-    /// Feeds `values` to `search` pass after pass until it has an answer.
+    /// Feeds `values` to `search` pass after pass until it has an answer, skipping the blocks
+    /// it does not want as the executor does.
     fn run_search(mut search: TopK, values: &[f32], block: usize) -> (Keep, usize) {
         let zeros = vec![0f32; block];
         let mut passes = 0;
         while search.result().is_none() {
             for start in (0..values.len()).step_by(block) {
                 let x = &values[start..(start + block).min(values.len())];
-                search.observe(start, x, &zeros[..x.len()]);
+                if block != BLOCK || search.wants_block(start) {
+                    search.observe(start, x, &zeros[..x.len()]);
+                }
             }
             search.end_pass();
             passes += 1;
@@ -598,6 +622,31 @@ mod tests {
             assert_eq!(keep, reference_keep(&values, k), "k={k}");
             assert_eq!(passes, 3, "k={k}: sample, window, ties");
         }
+    }
+
+    #[test]
+    fn tie_pass_stops_reading_once_the_cutoff_is_found() {
+        let values: Vec<f32> = (0..300_000u64)
+            .map(|i| (((i * 2654435761) >> 7) % 41) as f32 - 20.0)
+            .collect();
+        let zeros = vec![0f32; BLOCK];
+        let mut search = TopK::new(7, values.len()).with_memory(0);
+        let mut wanted = Vec::new();
+        while search.result().is_none() {
+            let mut blocks = 0;
+            for start in (0..values.len()).step_by(BLOCK) {
+                if search.wants_block(start) {
+                    let x = &values[start..(start + BLOCK).min(values.len())];
+                    search.observe(start, x, &zeros[..x.len()]);
+                    blocks += 1;
+                }
+            }
+            search.end_pass();
+            wanted.push(blocks);
+        }
+        // Seven of the 20-magnitude elements sit in the first block: the tie pass reads one.
+        assert_eq!(wanted.len(), 3);
+        assert_eq!(wanted[2], 1, "blocks read per pass: {wanted:?}");
     }
 
     #[test]
