@@ -9,7 +9,7 @@
 
 use super::*;
 use crate::error::Error;
-use crate::kernels::dot_f64;
+use crate::kernels::{dot3_f64, dot_f64};
 
 pub struct ModelStock;
 
@@ -85,29 +85,40 @@ impl TensorMerger for ModelStockMerger {
     fn observe(&mut self, _pass: usize, start: usize, inputs: &[&[f32]]) {
         let base = inputs[self.base];
         let len = base.len();
-        let offsets: Vec<Vec<f32>> = self
-            .models
-            .iter()
-            .map(|&m| inputs[m].iter().zip(base).map(|(x, b)| x - b).collect())
-            .collect();
         let (n, stride) = (self.models.len(), self.stride());
-        // Walk the block one row segment at a time.
-        let mut j = 0;
-        while j < len {
-            let row = (start + j) / self.row_len;
-            let end = len.min((row + 1) * self.row_len - start);
-            let sums = &mut self.sums[row * stride..(row + 1) * stride];
-            let mut slot = n;
-            for a in 0..n {
-                let oa = &offsets[a][j..end];
-                sums[a] += dot_f64(oa, oa);
-                for ob in &offsets[a + 1..] {
-                    sums[slot] += dot_f64(oa, &ob[j..end]);
-                    slot += 1;
+        crate::kernels::with_scratch(n * len, |scratch| {
+            for (&m, offset) in self.models.iter().zip(scratch.chunks_exact_mut(len)) {
+                for ((o, &x), &b) in offset.iter_mut().zip(inputs[m]).zip(base) {
+                    *o = x - b;
                 }
             }
-            j = end;
-        }
+            let offsets: Vec<&[f32]> = scratch.chunks_exact(len).collect();
+            // Walk the block one row segment at a time.
+            let mut j = 0;
+            while j < len {
+                let row = (start + j) / self.row_len;
+                let end = len.min((row + 1) * self.row_len - start);
+                let sums = &mut self.sums[row * stride..(row + 1) * stride];
+                if let [a, b] = offsets[..] {
+                    // Two models, the common case: both norms and the dot in one read.
+                    let [aa, bb, ab] = dot3_f64(&a[j..end], &b[j..end]);
+                    sums[0] += aa;
+                    sums[1] += bb;
+                    sums[2] += ab;
+                } else {
+                    let mut slot = n;
+                    for a in 0..n {
+                        let oa = &offsets[a][j..end];
+                        sums[a] += dot_f64(oa, oa);
+                        for ob in &offsets[a + 1..] {
+                            sums[slot] += dot_f64(oa, &ob[j..end]);
+                            slot += 1;
+                        }
+                    }
+                }
+                j = end;
+            }
+        });
     }
 
     fn end_pass(&mut self, _pass: usize) -> Result<()> {

@@ -10,7 +10,7 @@
 
 use super::*;
 use crate::error::Error;
-use crate::kernels::dot_f64;
+use crate::kernels::dot3_f64;
 
 pub struct Nuslerp;
 
@@ -190,9 +190,10 @@ impl TensorMerger for NuslerpMerger {
                 for (group, range) in segments {
                     let (x, y) = (&a[range.clone()], &b[range]);
                     let s = &mut self.sums[group];
-                    s[0] += dot_f64(x, x);
-                    s[1] += dot_f64(y, y);
-                    s[2] += dot_f64(x, y);
+                    let [xx, yy, xy] = dot3_f64(x, y);
+                    s[0] += xx;
+                    s[1] += yy;
+                    s[2] += xy;
                 }
             }
         }

@@ -8,7 +8,7 @@
 
 use super::*;
 use crate::error::Error;
-use crate::kernels::dot_f64;
+use crate::kernels::dot3_f64;
 
 pub struct Slerp;
 
@@ -81,9 +81,10 @@ impl TensorMerger for SlerpMerger {
 
     fn observe(&mut self, _pass: usize, _start: usize, inputs: &[&[f32]]) {
         let (a, b) = (inputs[self.base], inputs[1 - self.base]);
-        self.sums[0] += dot_f64(a, a);
-        self.sums[1] += dot_f64(b, b);
-        self.sums[2] += dot_f64(a, b);
+        let [aa, bb, ab] = dot3_f64(a, b);
+        self.sums[0] += aa;
+        self.sums[1] += bb;
+        self.sums[2] += ab;
     }
 
     fn end_pass(&mut self, _pass: usize) -> Result<()> {
