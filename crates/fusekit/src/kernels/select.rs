@@ -546,6 +546,15 @@ mod tests {
         (search.result().expect("loop ends when done"), passes)
     }
 
+    /// Which elements `keep` keeps.
+    fn kept(keep: Keep, values: &[f32]) -> Vec<bool> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, x)| keep.keeps(i, magnitude_bits(*x)))
+            .collect()
+    }
+
     fn reference_keep(values: &[f32], k: usize) -> Vec<bool> {
         let mut order: Vec<usize> = (0..values.len()).collect();
         order.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()).then(a.cmp(&b)));
@@ -559,12 +568,12 @@ mod tests {
     fn check(values: &[f32], ks: &[usize]) {
         for &k in ks {
             let t = top_k(values, k, 4096);
-            let keep: Vec<bool> = values
-                .iter()
-                .enumerate()
-                .map(|(i, x)| t.keeps(i, magnitude_bits(*x)))
-                .collect();
-            assert_eq!(keep, reference_keep(values, k), "n={} k={k}", values.len());
+            assert_eq!(
+                kept(t, values),
+                reference_keep(values, k),
+                "n={} k={k}",
+                values.len()
+            );
         }
     }
 
@@ -618,12 +627,7 @@ mod tests {
             .collect();
         for k in [7, 150_000] {
             let (t, passes) = run_search(TopK::new(k, values.len()).with_memory(0), &values, BLOCK);
-            let keep: Vec<bool> = values
-                .iter()
-                .enumerate()
-                .map(|(i, x)| t.keeps(i, magnitude_bits(*x)))
-                .collect();
-            assert_eq!(keep, reference_keep(&values, k), "k={k}");
+            assert_eq!(kept(t, &values), reference_keep(&values, k), "k={k}");
             assert_eq!(passes, 3, "k={k}: sample, window, ties");
         }
     }
@@ -638,12 +642,7 @@ mod tests {
             .collect();
         let k = 3_000;
         let (t, passes) = run_search(TopK::new(k, values.len()).with_memory(0), &values, BLOCK);
-        let keep: Vec<bool> = values
-            .iter()
-            .enumerate()
-            .map(|(i, x)| t.keeps(i, magnitude_bits(*x)))
-            .collect();
-        assert_eq!(keep, reference_keep(&values, k));
+        assert_eq!(kept(t, &values), reference_keep(&values, k));
         assert!(passes <= 3, "{passes} passes");
     }
 

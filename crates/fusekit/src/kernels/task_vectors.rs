@@ -72,7 +72,10 @@ pub fn random_delta(
     }
 }
 
-/// out = (x − base)·scale·weight where bit `start + j` of `bits` is set, else 0.
+/// out = (x − base)·scale·weight where bit `start + j` of `bits` is set, else 0. From the first
+/// 32-aligned index on, 32 elements per half word, each lane shifting the same half by its own
+/// offset, which vectorises; the elements before and after, one at a time.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
 pub fn bitmask_delta(
     start: usize,
     bits: &[u64],
@@ -81,42 +84,25 @@ pub fn bitmask_delta(
     factor: Factor,
     out: &mut [f32],
 ) {
-    if start.is_multiple_of(32) {
-        bitmask_delta_aligned(start, bits, x, base, factor, out);
-    } else {
-        for (j, ((o, &v), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
-            *o = if bit(bits, start + j) {
-                factor.of(v - b)
-            } else {
-                0.0
-            };
+    let one = |j: usize| {
+        let index = start + j;
+        if bits[index / 64] >> (index % 64) & 1 == 1 {
+            factor.of(x[j] - base[j])
+        } else {
+            0.0
         }
+    };
+    let lead = ((32 - start % 32) % 32).min(out.len());
+    let body = lead + (out.len() - lead) / 32 * 32;
+    for j in (0..lead).chain(body..out.len()) {
+        out[j] = one(j);
     }
-}
-
-#[inline(always)]
-fn bit(bits: &[u64], index: usize) -> bool {
-    bits[index / 64] >> (index % 64) & 1 == 1
-}
-
-/// `bitmask_delta` from a 32-aligned `start`: 32 elements per half word, each lane shifting the
-/// same half by its own offset, which vectorises.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
-fn bitmask_delta_aligned(
-    start: usize,
-    bits: &[u64],
-    x: &[f32],
-    base: &[f32],
-    factor: Factor,
-    out: &mut [f32],
-) {
-    let whole = out.len() / 32 * 32;
-    let groups = out[..whole]
+    let groups = out[lead..body]
         .chunks_exact_mut(32)
-        .zip(x.chunks_exact(32))
-        .zip(base.chunks_exact(32));
+        .zip(x[lead..].chunks_exact(32))
+        .zip(base[lead..].chunks_exact(32));
     for (group, ((o, x), b)) in groups.enumerate() {
-        let index = start + 32 * group;
+        let index = start + lead + 32 * group;
         let half = (bits[index / 64] >> (index % 64)) as u32;
         let (o, x, b): (&mut [f32; 32], &[f32; 32], &[f32; 32]) = (
             o.try_into().expect("32"),
@@ -127,13 +113,6 @@ fn bitmask_delta_aligned(
             let kept = half >> j & 1 == 1;
             o[j] = if kept { factor.of(x[j] - b[j]) } else { 0.0 };
         }
-    }
-    for j in whole..out.len() {
-        out[j] = if bit(bits, start + j) {
-            factor.of(x[j] - base[j])
-        } else {
-            0.0
-        };
     }
 }
 
