@@ -10,7 +10,8 @@
 //! 2. One pass counts elements above the window and collects (magnitude, index) inside it; the
 //!    exact k-th value and the tie cutoff come from sorting the window.
 //! 3. A window too crowded to hold within the memory bound (wide bf16 tie groups) is settled from
-//!    the value counts it always keeps, plus one pass for the tie cutoff.
+//!    counts of its values (kept from the moment the candidates overflow, those before added
+//!    then), plus one pass for the tie cutoff.
 //! 4. If the sample was unlucky (the k-th value fell outside the window), two 65536-bucket
 //!    histogram passes over the high then low 16 bits find the value, and one more pass finds
 //!    the tie cutoff.
@@ -67,8 +68,8 @@ enum Stage {
         inside: Vec<u32>,
         /// Element indices (u32: larger tensors skip the window, see `new`).
         index: Vec<u32>,
-        /// Counts of the window's values, always kept: when the candidates outgrow their memory
-        /// (wide tie groups), the k-th value is read from here instead.
+        /// Counts of the window's values, from the moment the candidates outgrow their memory
+        /// (wide tie groups): the k-th value is then read from here instead.
         histogram: WindowHistogram,
         overflowed: bool,
         bits: Vec<u32>,
@@ -173,10 +174,14 @@ impl TopK {
             } => {
                 let (count, found) = window_scan(x, base, *lo, *hi, bits, at);
                 *above += count;
-                histogram.add(*lo, &bits[..found]);
-                if *overflowed || inside.len() + found > self.max_candidates {
+                if !*overflowed && inside.len() + found > self.max_candidates {
+                    // From here on only the counts: those of the candidates so far first.
                     *overflowed = true;
+                    histogram.add(*lo, inside);
                     (*inside, *index) = (Vec::new(), Vec::new());
+                }
+                if *overflowed {
+                    histogram.add(*lo, &bits[..found]);
                 } else {
                     inside.extend_from_slice(&bits[..found]);
                     index.extend(at[..found].iter().map(|&j| start as u32 + j));
