@@ -4,6 +4,8 @@
 //! inside those buckets.
 
 const BUCKETS: usize = 1 << 16;
+/// Up to this many ranks, the second pass gathers the values in their buckets first.
+const FILTERED: usize = 4;
 
 #[derive(Debug)]
 pub struct RadixSelect {
@@ -90,13 +92,30 @@ impl RadixSelect {
                 }
             }
             State::Low { prefix, counts, .. } => {
-                for v in values {
-                    let bits = key(*v);
+                let mut count = |bits: u32| {
                     for (p, c) in prefix.iter().zip(counts.iter_mut()) {
                         if bits >> 16 == *p {
                             c[(bits & 0xFFFF) as usize] += 1;
                         }
                     }
+                };
+                if prefix.len() > FILTERED {
+                    values.iter().for_each(|v| count(key(*v)));
+                    return;
+                }
+                // Few values fall in the ranks' buckets: gather those without a branch per
+                // value, then count them (a branch per value and rank mispredicted often).
+                let mut buckets = [u32::MAX; FILTERED];
+                buckets[..prefix.len()].copy_from_slice(prefix);
+                let mut hits = [0u32; 1024];
+                for chunk in values.chunks(hits.len()) {
+                    let mut found = 0;
+                    for v in chunk {
+                        let bits = key(*v);
+                        hits[found] = bits;
+                        found += buckets.iter().fold(false, |m, &b| m | (bits >> 16 == b)) as usize;
+                    }
+                    hits[..found].iter().for_each(|&bits| count(bits));
                 }
             }
             State::Done(_) => {}
@@ -200,18 +219,19 @@ mod tests {
         let mut sorted = values.clone();
         sorted.sort_by(f32::total_cmp);
         let n = values.len() as u64;
-        let ranks: Vec<u64> = [0.0, 0.25, 0.5, 0.75, 1.0]
-            .iter()
-            .map(|&q| RadixSelect::rank_of(q, n))
-            .collect();
-        let mut select = RadixSelect::new(&ranks);
-        for _ in 0..2 {
-            for chunk in values.chunks(4096) {
-                select.observe(chunk);
+        // More ranks than the gathering second pass takes, then fewer (the Arcee Fusion case).
+        let quantiles: [&[f64]; 3] = [&[0.0, 0.25, 0.5, 0.75, 1.0], &[0.25, 0.5, 0.75], &[0.9]];
+        for qs in quantiles {
+            let ranks: Vec<u64> = qs.iter().map(|&q| RadixSelect::rank_of(q, n)).collect();
+            let mut select = RadixSelect::new(&ranks);
+            for _ in 0..2 {
+                for chunk in values.chunks(4096) {
+                    select.observe(chunk);
+                }
+                select.end_pass();
             }
-            select.end_pass();
+            let want: Vec<f32> = ranks.iter().map(|&r| sorted[r as usize]).collect();
+            assert_eq!(select.result().unwrap(), &want[..], "{qs:?}");
         }
-        let want: Vec<f32> = ranks.iter().map(|&r| sorted[r as usize]).collect();
-        assert_eq!(select.result().unwrap(), &want[..]);
     }
 }
