@@ -1,8 +1,8 @@
 //! `fusekit bench`: one run that times fusekit, mergekit (when its venv exists) and the I/O
 //! roofline (read every input once, write the output once; and the same reading the inputs
-//! twice, the bound of a method that needs a whole-tensor statistic first) on a generated ~1.2 B-parameter bf16
-//! Llama base and two fine-tunes, and prints the ratios. Peak RSS is read from the kernel
-//! (`VmHWM`) of each child process.
+//! twice, the bound of a method that needs a whole-tensor statistic first) on a generated
+//! ~1.2 B-parameter bf16 Llama base and two fine-tunes, and prints the ratios. Peak RSS is read
+//! from the kernel (`VmHWM`) of each child process.
 
 use anyhow::{bail, Context, Result};
 use fusekit::fixtures::{write_model, ModelSpec};

@@ -3,10 +3,11 @@
 //!
 //! Inputs are never held whole: every statistics pass and the final merge pass decode them block
 //! by block from the mapped files (decoding bf16 costs less than keeping f32 copies, measured on
-//! the benchmark), and mapped pages are released behind the reader. Output is produced in chunks
-//! sized from the budget, chunks of one tensor in parallel, each encoded and written in pieces
-//! small enough to stay in cache until the kernel copies them. Methods see the same fixed blocks whatever the chunking, so the bytes do not
-//! depend on the budget or the thread count.
+//! the benchmark), and mapped pages are released behind the reader (between a tensor's passes
+//! only when the tensor is large). Output is produced in chunks sized from the budget, chunks of
+//! one tensor in parallel, each encoded and written in pieces small enough to stay in cache until
+//! the kernel copies them. Methods see the same fixed blocks whatever the chunking, so the bytes
+//! do not depend on the budget or the thread count.
 
 mod gate;
 
