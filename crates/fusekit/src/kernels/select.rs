@@ -524,31 +524,35 @@ mod tests {
     use super::*;
 
     /// Runs the whole search over an in-memory slice.
-    fn top_k(values: &[f32], k: usize, block: usize) -> Keep {
-        top_k_passes(values, k, block).0
+    fn top_k(values: &[f32], k: usize) -> Keep {
+        top_k_passes(values, k).0
     }
 
     /// The answer and how many passes it took.
-    fn top_k_passes(values: &[f32], k: usize, block: usize) -> (Keep, usize) {
-        run_search(TopK::new(k, values.len()), values, block)
+    fn top_k_passes(values: &[f32], k: usize) -> (Keep, usize) {
+        let (keep, read) = run_search(TopK::new(k, values.len()), values);
+        (keep, read.len())
     }
 
-    /// Feeds `values` to `search` pass after pass until it has an answer, skipping the blocks
-    /// it does not want as the executor does.
-    fn run_search(mut search: TopK, values: &[f32], block: usize) -> (Keep, usize) {
-        let zeros = vec![0f32; block];
-        let mut passes = 0;
+    /// Feeds `values` to `search` in executor blocks, pass after pass until it has an answer,
+    /// skipping the blocks it does not want as the executor does: the answer, and the blocks
+    /// read in each pass.
+    fn run_search(mut search: TopK, values: &[f32]) -> (Keep, Vec<usize>) {
+        let zeros = vec![0f32; BLOCK];
+        let mut read = Vec::new();
         while search.result().is_none() {
-            for start in (0..values.len()).step_by(block) {
-                let x = &values[start..(start + block).min(values.len())];
-                if block != BLOCK || search.wants_block(start) {
+            let mut blocks = 0;
+            for start in (0..values.len()).step_by(BLOCK) {
+                if search.wants_block(start) {
+                    let x = &values[start..(start + BLOCK).min(values.len())];
                     search.observe(start, x, &zeros[..x.len()]);
+                    blocks += 1;
                 }
             }
             search.end_pass();
-            passes += 1;
+            read.push(blocks);
         }
-        (search.result().expect("loop ends when done"), passes)
+        (search.result().expect("loop ends when done"), read)
     }
 
     /// Which elements `keep` keeps.
@@ -572,7 +576,7 @@ mod tests {
 
     fn check(values: &[f32], ks: &[usize]) {
         for &k in ks {
-            let t = top_k(values, k, 4096);
+            let t = top_k(values, k);
             assert_eq!(
                 kept(t, values),
                 reference_keep(values, k),
@@ -607,7 +611,7 @@ mod tests {
         values[17] = f32::MIN_POSITIVE;
         values[18] = -0.0;
         check(&values, &[1, 2, 10, 999, 1000, 2500, 4999, 5000]);
-        assert_eq!(top_k(&values, 0, 4096), Keep::NONE);
+        assert_eq!(top_k(&values, 0), Keep::NONE);
     }
 
     #[test]
@@ -631,9 +635,9 @@ mod tests {
             .map(|i| (((i * 2654435761) >> 7) % 41) as f32 - 20.0)
             .collect();
         for k in [7, 150_000] {
-            let (t, passes) = run_search(TopK::new(k, values.len()).with_memory(0), &values, BLOCK);
+            let (t, read) = run_search(TopK::new(k, values.len()).with_memory(0), &values);
             assert_eq!(kept(t, &values), reference_keep(&values, k), "k={k}");
-            assert_eq!(passes, 3, "k={k}: sample, window, ties");
+            assert_eq!(read.len(), 3, "k={k}: sample, window, ties");
         }
     }
 
@@ -646,9 +650,9 @@ mod tests {
             .map(|i| (((i * 2654435761) >> 7) % 4001) as f32 / 64.0 - 31.25)
             .collect();
         let k = 3_000;
-        let (t, passes) = run_search(TopK::new(k, values.len()).with_memory(0), &values, BLOCK);
+        let (t, read) = run_search(TopK::new(k, values.len()).with_memory(0), &values);
         assert_eq!(kept(t, &values), reference_keep(&values, k));
-        assert!(passes <= 3, "{passes} passes");
+        assert!(read.len() <= 3, "{} passes", read.len());
     }
 
     #[test]
@@ -656,21 +660,7 @@ mod tests {
         let values: Vec<f32> = (0..300_000u64)
             .map(|i| (((i * 2654435761) >> 7) % 41) as f32 - 20.0)
             .collect();
-        let zeros = vec![0f32; BLOCK];
-        let mut search = TopK::new(7, values.len()).with_memory(0);
-        let mut wanted = Vec::new();
-        while search.result().is_none() {
-            let mut blocks = 0;
-            for start in (0..values.len()).step_by(BLOCK) {
-                if search.wants_block(start) {
-                    let x = &values[start..(start + BLOCK).min(values.len())];
-                    search.observe(start, x, &zeros[..x.len()]);
-                    blocks += 1;
-                }
-            }
-            search.end_pass();
-            wanted.push(blocks);
-        }
+        let (_, wanted) = run_search(TopK::new(7, values.len()).with_memory(0), &values);
         // Seven of the 20-magnitude elements sit in the first block: the tie pass reads one.
         assert_eq!(wanted.len(), 3);
         assert_eq!(wanted[2], 1, "blocks read per pass: {wanted:?}");
@@ -691,7 +681,7 @@ mod tests {
                 }
             })
             .collect();
-        let (_, passes) = top_k_passes(&values, 150_000, 4096);
+        let (_, passes) = top_k_passes(&values, 150_000);
         assert!(passes > 2, "fallback expected, took {passes} passes");
         check(&values, &[150_000, 5000, 299_000]);
     }
