@@ -66,9 +66,37 @@ pub fn row_length(shape: &[usize], numel: usize) -> usize {
     }
 }
 
+/// The stretches of the block of `len` elements starting at element `start` that lie in one
+/// row each, as (row, range within the block): per-row values applied blockwise without a
+/// division per element.
+pub fn row_segments(
+    start: usize,
+    len: usize,
+    row_len: usize,
+) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        (at < len).then(|| {
+            let row = (start + at) / row_len;
+            let end = len.min((row + 1) * row_len - start);
+            let segment = (row, at..end);
+            at = end;
+            segment
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_segments_split_a_block_at_row_edges() {
+        let segments: Vec<_> = row_segments(10, 12, 7).collect();
+        assert_eq!(segments, vec![(1, 0..4), (2, 4..11), (3, 11..12)]);
+        assert_eq!(row_segments(14, 7, 7).collect::<Vec<_>>(), vec![(2, 0..7)]);
+        assert_eq!(row_segments(3, 0, 7).count(), 0);
+    }
 
     #[test]
     fn rows_come_whole_across_block_edges() {

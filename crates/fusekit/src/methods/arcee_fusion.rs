@@ -16,7 +16,7 @@ use super::*;
 use crate::error::Error;
 use crate::kernels::math;
 use crate::kernels::quantile::RadixSelect;
-use crate::kernels::rows::{row_length, RowBuffer};
+use crate::kernels::rows::{row_length, row_segments, RowBuffer};
 use multiversion::multiversion;
 
 pub struct ArceeFusion;
@@ -118,15 +118,12 @@ fn sum_in_lanes(xs: &[f64]) -> f64 {
 impl ArceeFusionMerger {
     /// The importances of one block into `out`, a row's stretch at a time.
     fn importance(&self, start: usize, p: &[f32], b: &[f32], out: &mut [f32]) {
-        let mut at = 0;
-        while at < out.len() {
-            let row = (start + at) / self.row_len;
-            let end = ((row + 1) * self.row_len - start).min(out.len());
+        for (row, range) in row_segments(start, out.len(), self.row_len) {
             let kl = self.kl[row];
-            for ((o, &x), &y) in out[at..end].iter_mut().zip(&p[at..end]).zip(&b[at..end]) {
+            let (p, b) = (&p[range.clone()], &b[range.clone()]);
+            for ((o, &x), &y) in out[range].iter_mut().zip(p).zip(b) {
                 *o = (x - y).abs() * kl;
             }
-            at = end;
         }
     }
 }

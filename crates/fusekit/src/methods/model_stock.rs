@@ -9,6 +9,7 @@
 
 use super::*;
 use crate::error::Error;
+use crate::kernels::rows::row_segments;
 use crate::kernels::{dot3_f64, dot_f64};
 
 pub struct ModelStock;
@@ -93,30 +94,25 @@ impl TensorMerger for ModelStockMerger {
                 }
             }
             let offsets: Vec<&[f32]> = scratch.chunks_exact(len).collect();
-            // Walk the block one row segment at a time.
-            let mut j = 0;
-            while j < len {
-                let row = (start + j) / self.row_len;
-                let end = len.min((row + 1) * self.row_len - start);
+            for (row, range) in row_segments(start, len, self.row_len) {
                 let sums = &mut self.sums[row * stride..(row + 1) * stride];
                 if let [a, b] = offsets[..] {
                     // Two models, the common case: both norms and the dot in one read.
-                    let [aa, bb, ab] = dot3_f64(&a[j..end], &b[j..end]);
+                    let [aa, bb, ab] = dot3_f64(&a[range.clone()], &b[range]);
                     sums[0] += aa;
                     sums[1] += bb;
                     sums[2] += ab;
                 } else {
                     let mut slot = n;
                     for a in 0..n {
-                        let oa = &offsets[a][j..end];
+                        let oa = &offsets[a][range.clone()];
                         sums[a] += dot_f64(oa, oa);
                         for ob in &offsets[a + 1..] {
-                            sums[slot] += dot_f64(oa, &ob[j..end]);
+                            sums[slot] += dot_f64(oa, &ob[range.clone()]);
                             slot += 1;
                         }
                     }
                 }
-                j = end;
             }
         });
     }
@@ -156,15 +152,12 @@ impl TensorMerger for ModelStockMerger {
         for &m in &self.models {
             out.iter_mut().zip(inputs[m]).for_each(|(o, x)| *o += x);
         }
-        let mut j = 0;
-        while j < out.len() {
-            let row = (start + j) / self.row_len;
-            let end = out.len().min((row + 1) * self.row_len - start);
+        for (row, range) in row_segments(start, out.len(), self.row_len) {
             let t = self.t[row];
-            for (o, &b) in out[j..end].iter_mut().zip(&base[j..end]) {
+            let base = &base[range.clone()];
+            for (o, &b) in out[range].iter_mut().zip(base) {
                 *o = t * (*o / count) + (1.0 - t) * b;
             }
-            j = end;
         }
     }
 }
