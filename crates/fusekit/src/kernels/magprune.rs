@@ -49,11 +49,6 @@ impl MagPrune {
         }
     }
 
-    /// The bytes a mask for `numel` elements with rows of `row_len` holds.
-    pub fn memory(numel: usize, row_len: usize) -> usize {
-        numel.div_ceil(64) * 8 + row_len * 33
-    }
-
     /// The next block of the model and the base, in index order.
     pub fn observe(&mut self, x: &[f32], base: &[f32]) {
         let Self {
