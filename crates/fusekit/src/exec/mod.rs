@@ -108,7 +108,9 @@ pub fn run(
                     model_stats,
                     options,
                 ),
-            }
+            }?;
+            writer.finish(task.bytes());
+            Ok(())
         })
     })
 }
@@ -156,6 +158,11 @@ impl Writer<'_> {
             .write_at(self.base_offset + byte_offset, bytes, self.path)?;
         self.progress.advance(bytes.len() as u64);
         Ok(())
+    }
+
+    /// The tensor's `len` bytes are all written: they can go to disk now.
+    fn finish(&self, len: usize) {
+        self.file.start_writeback(self.base_offset, len);
     }
 }
 

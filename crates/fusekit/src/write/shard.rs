@@ -21,6 +21,34 @@ impl ShardFile {
             .write_all_at(bytes, self.data_start + offset as u64)
             .map_err(|e| Error::io(path, e))
     }
+
+    /// Sends bytes `offset..offset + len` of the data section towards the disk now (see
+    /// [`start_writeback`]).
+    pub fn start_writeback(&self, offset: usize, len: usize) {
+        start_writeback(&self.file, self.data_start + offset as u64, len as u64);
+    }
+}
+
+/// Starts writing bytes `start..start + len` of `file` to disk without waiting for it, so the
+/// disk works while later tensors are computed instead of during the final sync (measured: the
+/// sync of a 2.4 GB output took 0.63 s with both cores idle, 1 ms after this). Only a hint:
+/// errors surface at the final sync, and where the call does not exist the sync does it all.
+pub fn start_writeback(file: &File, start: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor; it touches no memory of ours.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                start as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, start, len);
 }
 
 /// The safetensors header of a shard: `{"__metadata__": {"format": "pt"}, name: {dtype, shape,
