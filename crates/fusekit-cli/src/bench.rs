@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use fusekit::fixtures::{write_model, ModelSpec};
-use fusekit::write::shard::start_writeback;
+use fusekit::write::shard::{reserve, start_writeback};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -140,6 +140,7 @@ fn roofline(inputs: &[PathBuf], out_bytes: usize, scratch: &Path) -> Result<Dura
         .collect::<Result<Vec<_>>>()?;
     let out = std::fs::File::create(scratch)?;
     out.set_len(out_bytes as u64)?;
+    reserve(&out, out_bytes as u64)?;
     let stripes = (out_bytes as u64).div_ceil(STRIPE).max(1);
     let next = AtomicU64::new(0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

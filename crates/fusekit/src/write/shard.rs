@@ -51,6 +51,29 @@ pub fn start_writeback(file: &File, start: u64, len: u64) {
     let _ = (file, start, len);
 }
 
+/// Allocates the disk blocks of a `len`-byte file up front, where the filesystem can: a full disk
+/// is found before the merge starts, not hours into it, and the writes then skip the delayed
+/// allocation bookkeeping of every page (measured: ~0.1 s less system time per 2.4 GB).
+/// Filesystems without the call are left to allocate as they write.
+pub fn reserve(file: &File, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor; it touches no memory of ours.
+        let failed = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off64_t) } != 0;
+        if failed {
+            let error = std::io::Error::last_os_error();
+            return match error.raw_os_error() {
+                Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(()),
+                _ => Err(error),
+            };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, len);
+    Ok(())
+}
+
 /// The safetensors header of a shard: `{"__metadata__": {"format": "pt"}, name: {dtype, shape,
 /// data_offsets}}`, padded with spaces to a multiple of 8 bytes.
 pub fn header(plan: &Plan, shard: &Shard) -> Vec<u8> {
@@ -88,7 +111,8 @@ pub fn create_with_header(header: &[u8], data_bytes: usize, path: &Path) -> Resu
     file.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(|e| Error::io(path, e))?;
     file.write_all(header).map_err(|e| Error::io(path, e))?;
-    file.set_len(data_start + data_bytes as u64)
-        .map_err(|e| Error::io(path, e))?;
+    let len = data_start + data_bytes as u64;
+    file.set_len(len).map_err(|e| Error::io(path, e))?;
+    reserve(&file, len).map_err(|e| Error::io(path, e))?;
     Ok(ShardFile { file, data_start })
 }
