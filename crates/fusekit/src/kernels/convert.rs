@@ -27,11 +27,17 @@ pub fn encode(dtype: Dtype, values: &[f32], out: &mut [u8]) {
     }
 }
 
+/// Rounds an f32 to the nearest bf16 (and back to f32).
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((bf16_bits(x) as u32) << 16)
+}
+
 /// Rounds an f32 to the nearest representable value of `dtype` (and back to f32).
 #[inline]
 pub fn round_to(dtype: Dtype, x: f32) -> f32 {
     match dtype {
-        Dtype::BF16 => f32::from_bits((bf16_bits(x) as u32) << 16),
+        Dtype::BF16 => round_bf16(x),
         Dtype::F16 => half::f16::from_f32(x).to_f32(),
         _ => x,
     }
@@ -48,7 +54,7 @@ pub fn round_slice(dtype: Dtype, values: &mut [f32]) {
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
 fn round_slice_bf16(values: &mut [f32]) {
     for x in values {
-        *x = f32::from_bits((bf16_bits(*x) as u32) << 16);
+        *x = round_bf16(*x);
     }
 }
 

@@ -20,7 +20,7 @@
 use super::*;
 use crate::dtype::Dtype;
 use crate::error::Error;
-use crate::kernels::convert::{round_slice, round_to};
+use crate::kernels::convert::round_to;
 use crate::kernels::magprune::MagPrune;
 use crate::kernels::rows::row_length;
 use crate::kernels::select::{Keep, TopK};
@@ -137,6 +137,8 @@ pub struct GtaMerger {
     plain_divisor: f32,
     /// The compute dtype that divisors are rounded to, as mergekit does.
     round: Option<Dtype>,
+    /// Each model's weight, in model order (the consensus divisor adds them).
+    weights: Vec<f32>,
 }
 
 pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMerger>> {
@@ -234,6 +236,7 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
         } else {
             weight_sum
         },
+        weights: models.iter().map(|m| m.weight).collect(),
         models,
         round: ctx.compute,
     }))
@@ -378,10 +381,9 @@ impl TensorMerger for GtaMerger {
     fn apply(&self, start: usize, inputs: &[&[f32]], out: &mut [f32]) {
         let base = inputs[self.base];
         let n = base.len();
-        crate::kernels::with_scratch(n * (self.models.len() + 3), |scratch| {
-            let (deltas, rest) = scratch.split_at_mut(n * self.models.len());
-            let (mixed, rest) = rest.split_at_mut(n);
-            let (divisor, sums) = rest.split_at_mut(n);
+        let models = self.models.len();
+        crate::kernels::with_scratch(n * (models + 1), |scratch| {
+            let (deltas, mixed) = scratch.split_at_mut(n * models);
             for (m, d) in self.models.iter().zip(deltas.chunks_exact_mut(n)) {
                 let factor = Factor {
                     scale: m.scale,
@@ -389,28 +391,26 @@ impl TensorMerger for GtaMerger {
                 };
                 m.masked_delta(start, inputs[m.input], base, factor, d);
             }
+            if self.variant.consensus {
+                let weights = &self.weights;
+                let (round, normalize) = (self.round, self.normalize);
+                task_vectors::consensus_merge(
+                    deltas,
+                    weights,
+                    round,
+                    normalize,
+                    self.lambda,
+                    base,
+                    out,
+                );
+                return;
+            }
             mixed.fill(0.0);
             for d in deltas.chunks_exact(n) {
                 mixed.iter_mut().zip(d).for_each(|(s, x)| *s += x);
             }
-            if self.variant.consensus {
-                // `mixed` holds the election sums; rebuild it from the deltas that agree with them.
-                sums.copy_from_slice(mixed);
-                mixed.fill(0.0);
-                divisor.fill(0.0);
-                for (m, d) in self.models.iter().zip(deltas.chunks_exact(n)) {
-                    task_vectors::add_agreeing(d, sums, m.weight, mixed, divisor);
-                }
-                if let Some(dtype) = self.round {
-                    round_slice(dtype, divisor);
-                }
-                divisor
-                    .iter_mut()
-                    .for_each(|x| *x = if *x == 0.0 { 1.0 } else { *x });
-            } else {
-                divisor.fill(self.plain_divisor);
-            }
-            task_vectors::finish(base, mixed, divisor, self.normalize, self.lambda, out);
+            let (divisor, normalize) = (self.plain_divisor, self.normalize);
+            task_vectors::finish(base, mixed, divisor, normalize, self.lambda, out);
         })
     }
 }
