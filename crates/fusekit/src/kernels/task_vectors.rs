@@ -236,6 +236,65 @@ pub fn l1_norms(x: &[f32], base: &[f32], kept: &[f32]) -> (f64, f64) {
     (sum(full), sum(masked))
 }
 
+/// DARE's rescale pass over one block in one read: sets bit `start + j` of `bits` where the
+/// draw keeps element j (below `below`, as `random_delta` decides), so the merge pass reads the
+/// mask instead of drawing again, and returns (‖x − base‖₁, ‖kept‖₁) summed exactly as
+/// `l1_norms` sums them (the same bits). `start` is a multiple of 64 and `bits` starts zeroed.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+pub fn random_mask_l1(
+    start: usize,
+    draws: Draws,
+    below: u32,
+    x: &[f32],
+    base: &[f32],
+    bits: &mut [u64],
+) -> (f64, f64) {
+    assert!(start.is_multiple_of(64) && x.len() == base.len());
+    let mut full = [0f32; 16];
+    let mut masked = [0f32; 16];
+    let body = x.len() / 16 * 16;
+    for j in (0..body).step_by(16) {
+        let lanes = (&mut full[..], &mut masked[..]);
+        mask_l1_lanes::<16>(start + j, draws, below, &x[j..], &base[j..], lanes, bits);
+    }
+    for j in body..x.len() {
+        let lanes = (&mut full[j - body..], &mut masked[j - body..]);
+        mask_l1_lanes::<1>(start + j, draws, below, &x[j..], &base[j..], lanes, bits);
+    }
+    let sum = |lanes: [f32; 16]| lanes.iter().map(|&v| v as f64).sum::<f64>();
+    (sum(full), sum(masked))
+}
+
+/// Elements `first..first + L` of `random_mask_l1`, into its first `L` lanes.
+#[inline(always)]
+fn mask_l1_lanes<const L: usize>(
+    first: usize,
+    draws: Draws,
+    below: u32,
+    x: &[f32],
+    base: &[f32],
+    (full, masked): (&mut [f32], &mut [f32]),
+    bits: &mut [u64],
+) {
+    let (x, base): (&[f32; L], &[f32; L]) = (
+        x[..L].try_into().expect("L"),
+        base[..L].try_into().expect("L"),
+    );
+    let (full, masked): (&mut [f32; L], &mut [f32; L]) = (
+        (&mut full[..L]).try_into().expect("L"),
+        (&mut masked[..L]).try_into().expect("L"),
+    );
+    let mut kept_bits = 0u64;
+    for l in 0..L {
+        let kept = draws.bits((first + l) as u64) < below;
+        let d = (x[l] - base[l]).abs();
+        full[l] += d;
+        masked[l] += if kept { d } else { 0.0 };
+        kept_bits |= (kept as u64) << l;
+    }
+    bits[first / 64] |= kept_bits << (first % 64);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +333,27 @@ mod tests {
                     "{round:?} {normalize} lane {j}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn random_mask_l1_gives_the_draws_mask_and_the_norms_of_the_two_step_form() {
+        let x: Vec<f32> = (0..205).map(|i| (i as f32 * 0.37).sin()).collect();
+        let base: Vec<f32> = (0..205).map(|i| (i as f32 * 0.11).cos() * 0.5).collect();
+        let below = u32::MAX / 3;
+        for (start, len) in [(0usize, 205usize), (128, 64), (4096, 37)] {
+            let draws = Draws::at(0x5eed, start as u64);
+            let mut bits = vec![0u64; (start + len).div_ceil(64)];
+            let (x, base) = (&x[..len], &base[..len]);
+            let norms = random_mask_l1(start, draws, below, x, base, &mut bits);
+            let mut kept = vec![f32::NAN; len];
+            random_delta(start, draws, below, x, base, Factor::ONE, &mut kept);
+            assert_eq!(norms, l1_norms(x, base, &kept), "start {start}");
+            let mut from_bits = vec![f32::NAN; len];
+            bitmask_delta(start, &bits, x, base, Factor::ONE, &mut from_bits);
+            let same =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same(&kept, &from_bits), "start {start}");
         }
     }
 

@@ -127,6 +127,7 @@ struct Model {
 pub struct GtaMerger {
     variant: Variant,
     base: usize,
+    numel: usize,
     models: Vec<Model>,
     normalize: bool,
     lambda: f32,
@@ -227,6 +228,7 @@ pub fn merger(variant: Variant, ctx: &TensorContext) -> Result<Box<dyn TensorMer
     Ok(Box::new(GtaMerger {
         variant,
         base,
+        numel: ctx.numel,
         normalize: p.flag("normalize").unwrap_or(false),
         lambda: p.float("lambda").unwrap_or(1.0) as f32,
         rescale_pending: p.flag("rescale").unwrap_or(false) && sparse,
@@ -340,11 +342,20 @@ impl TensorMerger for GtaMerger {
             return;
         }
         self.in_l1_pass = true;
+        let numel = self.numel;
         crate::kernels::with_scratch(base.len(), |kept| {
             for m in &mut self.models {
                 let x = inputs[m.input];
-                m.masked_delta(start, x, base, Factor::ONE, kept);
-                let (full, masked) = task_vectors::l1_norms(x, base, kept);
+                let (full, masked) = if let Some(below) = m.keep_below {
+                    // DARE: the draws become a mask here, which the merge pass reads instead of
+                    // drawing again (it takes `bits` over `keep_below`).
+                    let bits = m.bits.get_or_insert_with(|| vec![0; numel.div_ceil(64)]);
+                    let draws = Draws::at(m.key, start as u64);
+                    task_vectors::random_mask_l1(start, draws, below, x, base, bits)
+                } else {
+                    m.masked_delta(start, x, base, Factor::ONE, kept);
+                    task_vectors::l1_norms(x, base, kept)
+                };
                 m.l1[0] += full;
                 m.l1[1] += masked;
             }
