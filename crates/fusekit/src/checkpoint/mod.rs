@@ -9,7 +9,8 @@ pub mod safetensors_file;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::kernels::convert::{decode, round_slice};
+use crate::kernels::convert::{decode, decode_finite, round_slice};
+use crate::kernels::finite::any_nonfinite;
 use crate::kernels::low_rank::LowRank;
 use lora::Adapter;
 use memmap2::Mmap;
@@ -99,6 +100,15 @@ impl TensorSource {
                 round_slice(self.dtype, out);
             }
         }
+    }
+
+    /// Reads like [`Self::read_f32`] and tells whether every value read is finite.
+    pub fn read_f32_finite(&self, first: usize, out: &mut [f32]) -> bool {
+        if self.rows.is_some() || self.update.is_some() {
+            self.read_f32(first, out);
+            return !any_nonfinite(out);
+        }
+        decode_finite(self.dtype, self.bytes(first, out.len()), out)
     }
 
     pub fn numel(&self) -> usize {

@@ -15,7 +15,7 @@ use crate::checkpoint::TensorSource;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernels::convert::{encode, round_slice};
-use crate::kernels::finite::{describe, first_nonfinite, first_nonfinite_stored};
+use crate::kernels::finite::{describe, first_nonfinite_stored};
 use crate::kernels::{with_scratch, BLOCK};
 use crate::methods::{ModelStatistics, TensorContext, TensorMerger, MAX_PASSES};
 use crate::plan::{MergeInput, MergeTask, Plan, TensorTask, Work};
@@ -231,11 +231,11 @@ struct Input<'a> {
 
 impl Input<'_> {
     fn decode(&self, first: usize, out: &mut [f32]) -> Result<()> {
-        self.source.read_f32(first, out);
-        if self.finite {
-            if let Some(i) = first_nonfinite(out) {
-                return Err(nonfinite(self.tensor, self.model, first + i, out[i]));
-            }
+        if !self.finite {
+            self.source.read_f32(first, out);
+        } else if !self.source.read_f32_finite(first, out) {
+            let i = out.iter().position(|v| !v.is_finite()).expect("a value is not finite");
+            return Err(nonfinite(self.tensor, self.model, first + i, out[i]));
         }
         if let Some(dtype) = self.cast {
             round_slice(dtype, out);

@@ -17,6 +17,18 @@ pub fn decode(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Decodes like [`decode`] and tells whether every value is finite, checked in the same read
+/// for bf16 (one integer max over the bits as they are widened) instead of a second pass.
+pub fn decode_finite(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> bool {
+    match dtype {
+        Dtype::BF16 => bf16_to_f32_finite(bytes, out),
+        _ => {
+            decode(dtype, bytes, out);
+            !super::finite::any_nonfinite(out)
+        }
+    }
+}
+
 /// Encodes f32 values into `out` as `dtype`, rounding to nearest even.
 pub fn encode(dtype: Dtype, values: &[f32], out: &mut [u8]) {
     match dtype {
@@ -75,6 +87,17 @@ fn bf16_to_f32(bytes: &[u8], out: &mut [f32]) {
     for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
         *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
     }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+fn bf16_to_f32_finite(bytes: &[u8], out: &mut [f32]) -> bool {
+    let mut most = 0u16;
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        let bits = u16::from_le_bytes([b[0], b[1]]);
+        most = most.max(bits & 0x7FFF);
+        *o = f32::from_bits((bits as u32) << 16);
+    }
+    most < 0x7F80
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
