@@ -234,7 +234,10 @@ impl Input<'_> {
         if !self.finite {
             self.source.read_f32(first, out);
         } else if !self.source.read_f32_finite(first, out) {
-            let i = out.iter().position(|v| !v.is_finite()).expect("a value is not finite");
+            let i = out
+                .iter()
+                .position(|v| !v.is_finite())
+                .expect("a value is not finite");
             return Err(nonfinite(self.tensor, self.model, first + i, out[i]));
         }
         if let Some(dtype) = self.cast {

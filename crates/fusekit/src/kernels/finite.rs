@@ -89,7 +89,11 @@ mod tests {
         for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
             let mut bytes = vec![0u8; finite.len() * dtype.size()];
             // Out of f16 and bf16 range they round to infinity: only the small ones there.
-            let values = if dtype == Dtype::F32 { &finite[..] } else { &finite[2..] };
+            let values = if dtype == Dtype::F32 {
+                &finite[..]
+            } else {
+                &finite[2..]
+            };
             encode(dtype, values, &mut bytes[..values.len() * dtype.size()]);
             let mut decoded = vec![0f32; values.len()];
             let bytes = &bytes[..values.len() * dtype.size()];

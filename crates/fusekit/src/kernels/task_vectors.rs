@@ -126,41 +126,46 @@ pub fn bitmask_delta(
 /// agreeing when not `normalize`)·lambda. 16 lanes at a time, each summing in model order (the
 /// same bits as a step at a time over whole blocks, which this replaced).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
-pub fn consensus_merge(
-    deltas: &[f32],
-    weights: &[f32],
-    round: Option<Dtype>,
-    normalize: bool,
-    lambda: f32,
-    base: &[f32],
-    out: &mut [f32],
-) {
+pub fn consensus_merge(deltas: &[f32], mix: &Consensus, base: &[f32], out: &mut [f32]) {
     let n = base.len();
-    assert!(deltas.len() == n * weights.len() && out.len() == n);
+    assert!(deltas.len() == n * mix.weights.len() && out.len() == n);
     let body = n / LANES * LANES;
     for j in (0..body).step_by(LANES) {
-        consensus_lanes::<LANES>(j, deltas, weights, round, normalize, lambda, base, out);
+        consensus_lanes::<LANES>(j, deltas, mix, base, out);
     }
     for j in body..n {
-        consensus_lanes::<1>(j, deltas, weights, round, normalize, lambda, base, out);
+        consensus_lanes::<1>(j, deltas, mix, base, out);
     }
+}
+
+/// How `consensus_merge` mixes the agreeing deltas.
+pub struct Consensus<'a> {
+    /// Each model's weight, in model order.
+    pub weights: &'a [f32],
+    /// The dtype the divisor is rounded to.
+    pub round: Option<Dtype>,
+    /// Divide by the agreeing weights (else only add).
+    pub normalize: bool,
+    pub lambda: f32,
 }
 
 const LANES: usize = 16;
 
 /// Elements `j..j + L` of `consensus_merge`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn consensus_lanes<const L: usize>(
     j: usize,
     deltas: &[f32],
-    weights: &[f32],
-    round: Option<Dtype>,
-    normalize: bool,
-    lambda: f32,
+    mix: &Consensus,
     base: &[f32],
     out: &mut [f32],
 ) {
+    let Consensus {
+        weights,
+        round,
+        normalize,
+        lambda,
+    } = *mix;
     let n = base.len();
     let model = |m: usize| -> &[f32; L] { deltas[m * n + j..][..L].try_into().expect("L") };
     let mut sum = [0f32; L];
@@ -313,7 +318,13 @@ mod tests {
         let base: Vec<f32> = (0..n).map(|i| (i as f32 * 0.23).cos()).collect();
         for (round, normalize) in [(Some(Dtype::BF16), true), (None, true), (None, false)] {
             let mut out = vec![f32::NAN; n];
-            consensus_merge(&deltas, &weights, round, normalize, 0.9, &base, &mut out);
+            let mix = Consensus {
+                weights: &weights,
+                round,
+                normalize,
+                lambda: 0.9,
+            };
+            consensus_merge(&deltas, &mix, &base, &mut out);
             for j in 0..n {
                 let d = |m: usize| deltas[m * n + j];
                 let sum = (0..weights.len()).fold(0f32, |s, m| s + d(m));

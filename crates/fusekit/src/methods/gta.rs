@@ -403,17 +403,13 @@ impl TensorMerger for GtaMerger {
                 m.masked_delta(start, inputs[m.input], base, factor, d);
             }
             if self.variant.consensus {
-                let weights = &self.weights;
-                let (round, normalize) = (self.round, self.normalize);
-                task_vectors::consensus_merge(
-                    deltas,
-                    weights,
-                    round,
-                    normalize,
-                    self.lambda,
-                    base,
-                    out,
-                );
+                let mix = task_vectors::Consensus {
+                    weights: &self.weights,
+                    round: self.round,
+                    normalize: self.normalize,
+                    lambda: self.lambda,
+                };
+                task_vectors::consensus_merge(deltas, &mix, base, out);
                 return;
             }
             mixed.fill(0.0);
