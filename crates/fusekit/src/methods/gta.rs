@@ -26,6 +26,7 @@ use crate::kernels::rows::row_length;
 use crate::kernels::select::{Keep, TopK};
 use crate::kernels::task_vectors::{self, Factor};
 use crate::rng::{keep_threshold, Draws};
+use std::ops::Range;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sparsify {
@@ -390,7 +391,22 @@ impl TensorMerger for GtaMerger {
     }
 
     fn apply(&self, start: usize, inputs: &[&[f32]], out: &mut [f32]) {
-        let base = inputs[self.base];
+        // A piece at a time, so the deltas stay in the core's L1 cache between the loop that
+        // makes them and the one that mixes them (elementwise: the same bytes at any piece size).
+        for (piece, out) in out.chunks_mut(APPLY_PIECE).enumerate() {
+            let first = piece * APPLY_PIECE;
+            self.apply_piece(start, inputs, first..first + out.len(), out);
+        }
+    }
+}
+
+/// Elements per piece of `GtaMerger::apply`: its deltas, one input and the output fit L1.
+const APPLY_PIECE: usize = 1024;
+
+impl GtaMerger {
+    /// Elements `range` of the block at `start`.
+    fn apply_piece(&self, start: usize, inputs: &[&[f32]], range: Range<usize>, out: &mut [f32]) {
+        let base = &inputs[self.base][range.clone()];
         let n = base.len();
         let models = self.models.len();
         crate::kernels::with_scratch(n * (models + 1), |scratch| {
@@ -400,7 +416,8 @@ impl TensorMerger for GtaMerger {
                     scale: m.scale,
                     weight: m.weight,
                 };
-                m.masked_delta(start, inputs[m.input], base, factor, d);
+                let x = &inputs[m.input][range.clone()];
+                m.masked_delta(start + range.start, x, base, factor, d);
             }
             if self.variant.consensus {
                 let mix = task_vectors::Consensus {
