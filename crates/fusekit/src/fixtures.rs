@@ -479,6 +479,9 @@ pub fn write_model(spec: &ModelSpec, dir: &Path) -> Result<()> {
             let (file, path) = &files[assignment[i]];
             file.write_at(offsets[i], &bytes, path)
         })?;
+    for (file, path) in &files {
+        file.flush(path)?;
+    }
     if count > 1 {
         let weight_map: serde_json::Map<String, serde_json::Value> = tensors
             .iter()

@@ -112,7 +112,7 @@ pub fn write(
         progress,
     )?;
     for (f, p) in files.iter().zip(&paths) {
-        f.file.sync_all().map_err(|e| Error::io(p, e))?;
+        f.sync(p)?;
     }
     write_small_files(plan, &staging.dir)?;
     // An output computed from an input that changed meanwhile may be wrong: it is not committed.

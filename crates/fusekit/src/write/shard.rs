@@ -8,18 +8,95 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 pub struct ShardFile {
     pub file: File,
     /// Where the data section starts.
     pub data_start: u64,
+    /// Held while writing. The kernel lets one buffered write into a file at a time (ext4 takes
+    /// the inode lock), and a second writer spins on it: measured 6 % of all CPU time of a
+    /// two-thread ties merge. A thread that finds the file busy parks its bytes instead and goes
+    /// back to computing; whoever holds the file writes them.
+    writing: Mutex<()>,
+    parked: Mutex<Parked>,
 }
 
+/// Writes waiting for the file: (file offset, bytes), and their total size.
+#[derive(Default)]
+struct Parked {
+    writes: Vec<(u64, Vec<u8>)>,
+    bytes: usize,
+}
+
+/// Most bytes parked per file; a writer beyond it waits for the file.
+const PARKED_LIMIT: usize = 16 << 20;
+
 impl ShardFile {
+    fn new(file: File, data_start: u64) -> ShardFile {
+        ShardFile {
+            file,
+            data_start,
+            writing: Mutex::new(()),
+            parked: Mutex::new(Parked::default()),
+        }
+    }
+
+    /// Writes `bytes` at `offset` of the data section, now or, when another thread is writing
+    /// this file, by that thread or a later call ([`ShardFile::flush`] writes what is left).
     pub fn write_at(&self, offset: usize, bytes: &[u8], path: &Path) -> Result<()> {
+        let at = self.data_start + offset as u64;
+        let writing = match self.writing.try_lock() {
+            Ok(writing) => writing,
+            Err(TryLockError::WouldBlock) => {
+                let mut parked = lock(&self.parked);
+                if parked.bytes + bytes.len() <= PARKED_LIMIT {
+                    parked.bytes += bytes.len();
+                    parked.writes.push((at, bytes.to_vec()));
+                    return Ok(());
+                }
+                drop(parked);
+                lock(&self.writing)
+            }
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        };
         self.file
-            .write_all_at(bytes, self.data_start + offset as u64)
-            .map_err(|e| Error::io(path, e))
+            .write_all_at(bytes, at)
+            .map_err(|e| Error::io(path, e))?;
+        self.write_parked(path)?;
+        drop(writing);
+        Ok(())
+    }
+
+    /// Writes the parked bytes; the caller holds `writing`.
+    fn write_parked(&self, path: &Path) -> Result<()> {
+        loop {
+            let writes = {
+                let mut parked = lock(&self.parked);
+                parked.bytes = 0;
+                std::mem::take(&mut parked.writes)
+            };
+            if writes.is_empty() {
+                return Ok(());
+            }
+            for (at, bytes) in writes {
+                self.file
+                    .write_all_at(&bytes, at)
+                    .map_err(|e| Error::io(path, e))?;
+            }
+        }
+    }
+
+    /// Writes whatever is parked: every `write_at` so far is then in the file.
+    pub fn flush(&self, path: &Path) -> Result<()> {
+        let _writing = lock(&self.writing);
+        self.write_parked(path)
+    }
+
+    /// [`ShardFile::flush`], then waits until the file is on disk.
+    pub fn sync(&self, path: &Path) -> Result<()> {
+        self.flush(path)?;
+        self.file.sync_all().map_err(|e| Error::io(path, e))
     }
 
     /// Sends bytes `offset..offset + len` of the data section towards the disk now (see
@@ -27,6 +104,14 @@ impl ShardFile {
     pub fn start_writeback(&self, offset: usize, len: usize) {
         start_writeback(&self.file, self.data_start + offset as u64, len as u64);
     }
+}
+
+/// A lock whose holder may have panicked: the data it guards stays usable (a panic fails the
+/// merge anyway).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Starts writing bytes `start..start + len` of `file` to disk without waiting for it, so the
@@ -114,5 +199,37 @@ pub fn create_with_header(header: &[u8], data_bytes: usize, path: &Path) -> Resu
     let len = data_start + data_bytes as u64;
     file.set_len(len).map_err(|e| Error::io(path, e))?;
     reserve(&file, len).map_err(|e| Error::io(path, e))?;
-    Ok(ShardFile { file, data_start })
+    Ok(ShardFile::new(file, data_start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_from_many_threads_all_land_once_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let (pieces, piece) = (4096, 1000);
+        let file = create_with_header(b"{}      ", pieces * piece, &path).unwrap();
+        // Four threads write interleaved pieces, so they meet at the file and park bytes.
+        std::thread::scope(|scope| {
+            for thread in 0..4 {
+                let (file, path) = (&file, &path);
+                scope.spawn(move || {
+                    for i in (thread..pieces).step_by(4) {
+                        let bytes = vec![(i % 251) as u8; piece];
+                        file.write_at(i * piece, &bytes, path).unwrap();
+                    }
+                });
+            }
+        });
+        file.flush(&path).unwrap();
+        let data = std::fs::read(&path).unwrap();
+        let data = &data[file.data_start as usize..];
+        assert_eq!(data.len(), pieces * piece);
+        for (i, chunk) in data.chunks(piece).enumerate() {
+            assert!(chunk.iter().all(|&b| b == (i % 251) as u8), "piece {i}");
+        }
+    }
 }
