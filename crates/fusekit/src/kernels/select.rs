@@ -161,31 +161,10 @@ impl TopK {
                     values.extend((0..x.len()).map(|j| (bits_at(j), start + j)));
                 }
             }
-            Stage::Window {
-                lo,
-                hi,
-                above,
-                inside,
-                index,
-                histogram,
-                overflowed,
-                bits,
-                at,
-            } => {
-                let (count, found) = window_scan(x, base, *lo, *hi, bits, at);
-                *above += count;
-                if !*overflowed && inside.len() + found > self.max_candidates {
-                    // From here on only the counts: those of the candidates so far first.
-                    *overflowed = true;
-                    histogram.add(*lo, inside);
-                    (*inside, *index) = (Vec::new(), Vec::new());
-                }
-                if *overflowed {
-                    histogram.add(*lo, &bits[..found]);
-                } else {
-                    inside.extend_from_slice(&bits[..found]);
-                    index.extend(at[..found].iter().map(|&j| start as u32 + j));
-                }
+            Stage::Window { .. } => {
+                let mut window = [self.window_out().expect("a window stage")];
+                let [scanned] = window_scan(x, base, &mut window);
+                self.take_window_block(start, scanned);
             }
             Stage::Coarse { counts } => {
                 (0..x.len()).for_each(|j| counts[(bits_at(j) >> 16) as usize] += 1)
@@ -223,6 +202,70 @@ impl TopK {
                 }
             }
             Stage::Done(_) => {}
+        }
+    }
+
+    /// Feeds the same block to two searches, reading it once when both are in their window pass.
+    pub fn observe_both(
+        first: &mut TopK,
+        second: &mut TopK,
+        start: usize,
+        x: &[f32],
+        base: &[f32],
+    ) {
+        if let (Some(a), Some(b)) = (first.window_out(), second.window_out()) {
+            let [scanned_a, scanned_b] = window_scan(x, base, &mut [a, b]);
+            first.take_window_block(start, scanned_a);
+            second.take_window_block(start, scanned_b);
+        } else {
+            first.observe(start, x, base);
+            second.observe(start, x, base);
+        }
+    }
+
+    /// The window and its scan buffers, in the window pass.
+    fn window_out(&mut self) -> Option<WindowOut<'_>> {
+        match &mut self.stage {
+            Stage::Window {
+                lo, hi, bits, at, ..
+            } => Some(WindowOut {
+                lo: *lo,
+                hi: *hi,
+                bits,
+                at,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Takes a block's window scan, `(above, found)` with the candidates in the scan buffers.
+    fn take_window_block(&mut self, start: usize, (count, found): (usize, usize)) {
+        let Stage::Window {
+            lo,
+            above,
+            inside,
+            index,
+            histogram,
+            overflowed,
+            bits,
+            at,
+            ..
+        } = &mut self.stage
+        else {
+            unreachable!("a window stage")
+        };
+        *above += count;
+        if !*overflowed && inside.len() + found > self.max_candidates {
+            // From here on only the counts: those of the candidates so far first.
+            *overflowed = true;
+            histogram.add(*lo, inside);
+            (*inside, *index) = (Vec::new(), Vec::new());
+        }
+        if *overflowed {
+            histogram.add(*lo, &bits[..found]);
+        } else {
+            inside.extend_from_slice(&bits[..found]);
+            index.extend(at[..found].iter().map(|&j| start as u32 + j));
         }
     }
 
@@ -413,66 +456,76 @@ fn count_equal(x: &[f32], base: &[f32], bits: u32) -> usize {
         .sum::<u32>() as usize
 }
 
-/// Scans one block of |x − base|: returns how many magnitudes exceed `hi`, and how many lie in
-/// [lo, hi], whose bits and block offsets are packed at the front of `bits` and `at`.
-fn window_scan(
-    x: &[f32],
-    base: &[f32],
+/// One window of a block scan: the bounds, and where the magnitudes inside it and their block
+/// offsets are packed (at the front).
+pub struct WindowOut<'a> {
     lo: u32,
     hi: u32,
-    bits: &mut [u32],
-    at: &mut [u32],
-) -> (usize, usize) {
-    assert!(x.len() == base.len() && x.len() <= bits.len() && x.len() <= at.len());
+    bits: &'a mut [u32],
+    at: &'a mut [u32],
+}
+
+/// Scans one block of |x − base| against each of `N` windows at once (breadcrumbs searches two
+/// thresholds per model): per window, how many magnitudes exceed `hi` and how many lie in
+/// [lo, hi], packed into its outputs.
+fn window_scan<const N: usize>(
+    x: &[f32],
+    base: &[f32],
+    windows: &mut [WindowOut; N],
+) -> [(usize, usize); N] {
+    assert!(x.len() == base.len());
+    assert!(windows
+        .iter()
+        .all(|w| x.len() <= w.bits.len() && x.len() <= w.at.len()));
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked above) and the slices were checked to be long
         // enough for every load and compressed store.
-        return unsafe { window_scan_avx512(x, base, lo, hi, bits, at) };
+        return unsafe { window_scan_avx512(x, base, windows) };
     }
-    window_scan_portable(x, base, lo, hi, bits, at, 0, (0, 0))
+    window_scan_portable(x, base, windows, 0, [(0, 0); N])
 }
 
 /// Branch-free scalar form (from element `from`, continuing the counts in `acc`).
-#[allow(clippy::too_many_arguments)]
-fn window_scan_portable(
+fn window_scan_portable<const N: usize>(
     x: &[f32],
     base: &[f32],
-    lo: u32,
-    hi: u32,
-    bits: &mut [u32],
-    at: &mut [u32],
+    windows: &mut [WindowOut; N],
     from: usize,
-    acc: (usize, usize),
-) -> (usize, usize) {
-    let (mut above, mut found) = acc;
+    mut acc: [(usize, usize); N],
+) -> [(usize, usize); N] {
     for j in from..x.len() {
         let b = magnitude_bits(x[j] - base[j]);
-        above += (b > hi) as usize;
-        bits[found] = b;
-        at[found] = j as u32;
-        found += ((b >= lo) & (b <= hi)) as usize;
+        for (w, (above, found)) in windows.iter_mut().zip(&mut acc) {
+            *above += (b > w.hi) as usize;
+            w.bits[*found] = b;
+            w.at[*found] = j as u32;
+            *found += ((b >= w.lo) & (b <= w.hi)) as usize;
+        }
     }
-    (above, found)
+    acc
 }
 
 /// 16 elements at a time; in-window elements are packed in a register and stored whole (a
 /// compressed store straight to memory is microcoded and ~20× slower on AMD Zen 4).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn window_scan_avx512(
+unsafe fn window_scan_avx512<const N: usize>(
     x: &[f32],
     base: &[f32],
-    lo: u32,
-    hi: u32,
-    bits: &mut [u32],
-    at: &mut [u32],
-) -> (usize, usize) {
+    windows: &mut [WindowOut; N],
+) -> [(usize, usize); N] {
     use std::arch::x86_64::*;
-    let (lo_v, hi_v) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(hi as i32));
+    let bounds = windows.each_ref().map(|w| {
+        (
+            _mm512_set1_epi32(w.lo as i32),
+            _mm512_set1_epi32(w.hi as i32),
+        )
+    });
     let magnitude = _mm512_set1_epi32(0x7FFF_FFFF);
     let mut index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    let (mut above, mut found, mut j) = (0usize, 0usize, 0usize);
+    let mut acc = [(0usize, 0usize); N];
+    let mut j = 0;
     while j + 16 <= x.len() {
         // SAFETY (all pointer uses): j + 16 ≤ len for the loads; the stores write 16 values at
         // `found`, and found + 16 ≤ j + 16 ≤ bits.len(), at.len() (checked by the caller).
@@ -483,23 +536,25 @@ unsafe fn window_scan_avx512(
             )
         };
         let b = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
-        above += _mm512_cmpgt_epu32_mask(b, hi_v).count_ones() as usize;
-        let inside = _mm512_cmpge_epu32_mask(b, lo_v) & _mm512_cmple_epu32_mask(b, hi_v);
-        unsafe {
-            _mm512_storeu_si512(
-                bits.as_mut_ptr().add(found).cast(),
-                _mm512_maskz_compress_epi32(inside, b),
-            );
-            _mm512_storeu_si512(
-                at.as_mut_ptr().add(found).cast(),
-                _mm512_maskz_compress_epi32(inside, index),
-            );
+        for ((w, &(lo_v, hi_v)), (above, found)) in windows.iter_mut().zip(&bounds).zip(&mut acc) {
+            *above += _mm512_cmpgt_epu32_mask(b, hi_v).count_ones() as usize;
+            let inside = _mm512_cmpge_epu32_mask(b, lo_v) & _mm512_cmple_epu32_mask(b, hi_v);
+            unsafe {
+                _mm512_storeu_si512(
+                    w.bits.as_mut_ptr().add(*found).cast(),
+                    _mm512_maskz_compress_epi32(inside, b),
+                );
+                _mm512_storeu_si512(
+                    w.at.as_mut_ptr().add(*found).cast(),
+                    _mm512_maskz_compress_epi32(inside, index),
+                );
+            }
+            *found += inside.count_ones() as usize;
         }
-        found += inside.count_ones() as usize;
         index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
         j += 16;
     }
-    window_scan_portable(x, base, lo, hi, bits, at, j, (above, found))
+    window_scan_portable(x, base, windows, j, acc)
 }
 
 /// Exact answer from all candidates at or around the k-th largest (k counted within them).
@@ -595,17 +650,50 @@ mod tests {
     fn window_scan_paths_agree() {
         let x: Vec<f32> = (0..4093).map(|i| ((i as f32) * 0.37).sin()).collect();
         let base: Vec<f32> = (0..4093).map(|i| ((i as f32) * 0.11).cos() * 0.5).collect();
-        let (lo, hi) = (magnitude_bits(0.2), magnitude_bits(0.6));
-        type Scan<'a> = &'a dyn Fn(&mut [u32], &mut [u32]) -> (usize, usize);
-        let run = |f: Scan| {
-            let (mut bits, mut at) = (vec![0u32; BLOCK], vec![0u32; BLOCK]);
-            let (above, found) = f(&mut bits, &mut at);
-            (above, bits[..found].to_vec(), at[..found].to_vec())
+        let windows =
+            [(0.2, 0.6), (0.5, 1.2)].map(|(lo, hi)| (magnitude_bits(lo), magnitude_bits(hi)));
+        // Each window scanned alone, by both paths, and both at once.
+        type Scan<'a> = &'a dyn Fn(&mut [WindowOut]) -> Vec<(usize, usize)>;
+        let run = |f: Scan, which: &[usize]| {
+            let mut buffers = vec![(vec![0u32; BLOCK], vec![0u32; BLOCK]); which.len()];
+            let mut outs: Vec<WindowOut> = buffers
+                .iter_mut()
+                .zip(which)
+                .map(|((bits, at), &w)| WindowOut {
+                    lo: windows[w].0,
+                    hi: windows[w].1,
+                    bits,
+                    at,
+                })
+                .collect();
+            let counts = f(&mut outs);
+            counts
+                .iter()
+                .zip(&buffers)
+                .map(|(&(above, found), (bits, at))| {
+                    (above, bits[..found].to_vec(), at[..found].to_vec())
+                })
+                .collect::<Vec<_>>()
         };
-        let dispatched = run(&|b, a| window_scan(&x, &base, lo, hi, b, a));
-        let portable = run(&|b, a| window_scan_portable(&x, &base, lo, hi, b, a, 0, (0, 0)));
-        assert_eq!(dispatched, portable);
-        assert!(portable.0 > 100 && portable.1.len() > 100);
+        let one = |o: &mut [WindowOut]| -> Vec<(usize, usize)> {
+            let o: &mut [WindowOut; 1] = o.try_into().unwrap();
+            window_scan(&x, &base, o).to_vec()
+        };
+        let portable = |o: &mut [WindowOut]| -> Vec<(usize, usize)> {
+            let o: &mut [WindowOut; 1] = o.try_into().unwrap();
+            window_scan_portable(&x, &base, o, 0, [(0, 0)]).to_vec()
+        };
+        let both = |o: &mut [WindowOut]| -> Vec<(usize, usize)> {
+            let o: &mut [WindowOut; 2] = o.try_into().unwrap();
+            window_scan(&x, &base, o).to_vec()
+        };
+        let alone: Vec<_> = (0..2).flat_map(|w| run(&one, &[w])).collect();
+        let alone_portable: Vec<_> = (0..2).flat_map(|w| run(&portable, &[w])).collect();
+        assert_eq!(alone, alone_portable);
+        assert_eq!(run(&both, &[0, 1]), alone);
+        assert!(alone
+            .iter()
+            .all(|(above, inside, _)| *above > 100 && inside.len() > 100));
     }
 
     #[test]
@@ -630,6 +718,35 @@ mod tests {
             .map(|i| ((i as f32) * 0.618).sin())
             .collect();
         check(&smooth, &[3, 20_000, 100_001]);
+    }
+
+    #[test]
+    fn two_searches_fed_together_find_what_each_finds_alone() {
+        let values: Vec<f32> = (0..200_003u64)
+            .map(|i| ((i as f32) * 0.618).sin())
+            .collect();
+        let zeros = vec![0f32; BLOCK];
+        // Breadcrumbs' pair: the top 21 % and the top 1 %; a tiny k ends after the sample.
+        for (ka, kb) in [(42_000, 2_000), (42_000, 1)] {
+            let (mut a, mut b) = (TopK::new(ka, values.len()), TopK::new(kb, values.len()));
+            while a.result().is_none() || b.result().is_none() {
+                for start in (0..values.len()).step_by(BLOCK) {
+                    let x = &values[start..(start + BLOCK).min(values.len())];
+                    match (a.wants_block(start), b.wants_block(start)) {
+                        (true, true) => {
+                            TopK::observe_both(&mut a, &mut b, start, x, &zeros[..x.len()])
+                        }
+                        (true, false) => a.observe(start, x, &zeros[..x.len()]),
+                        (false, true) => b.observe(start, x, &zeros[..x.len()]),
+                        (false, false) => {}
+                    }
+                }
+                a.end_pass();
+                b.end_pass();
+            }
+            assert_eq!(a.result(), Some(top_k(&values, ka)));
+            assert_eq!(b.result(), Some(top_k(&values, kb)));
+        }
     }
 
     #[test]

@@ -335,7 +335,10 @@ impl TensorMerger for GtaMerger {
         if self.models.iter().any(Model::searching) {
             for m in &mut self.models {
                 let x = inputs[m.input];
-                m.searches().for_each(|s| s.observe(start, x, base));
+                match (&mut m.search, &mut m.drop_search) {
+                    (Some(keep), Some(drop)) => TopK::observe_both(keep, drop, start, x, base),
+                    _ => m.searches().for_each(|s| s.observe(start, x, base)),
+                }
                 if let Some(prune) = &mut m.prune {
                     prune.observe(x, base);
                 }
