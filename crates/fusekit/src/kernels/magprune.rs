@@ -116,12 +116,13 @@ impl MagPrune {
                     }
                 }
                 pack(verdicts, kept, undecided);
-                if undecided.len() > SCAN_LIMIT {
+                let grouped = undecided.len() > SCAN_LIMIT;
+                if grouped {
                     ranks.group(values);
                 }
                 for &j in undecided.iter() {
                     let j = j as usize;
-                    let rank = if undecided.len() > SCAN_LIMIT {
+                    let rank = if grouped {
                         ranks.rank(j, values[j])
                     } else {
                         rank_by_count(values, j)
