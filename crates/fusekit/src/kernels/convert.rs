@@ -10,7 +10,9 @@ use multiversion::multiversion;
 /// Only mergeable float dtypes are accepted; the planner guarantees it.
 pub fn decode(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     match dtype {
-        Dtype::BF16 => bf16_to_f32(bytes, out),
+        Dtype::BF16 => {
+            bf16_to_f32(bytes, out);
+        }
         Dtype::F16 => f16_to_f32(bytes, out),
         Dtype::F32 => f32_from_le(bytes, out),
         other => unreachable!("decode called on {other}"),
@@ -21,7 +23,7 @@ pub fn decode(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
 /// for bf16 (one integer max over the bits as they are widened) instead of a second pass.
 pub fn decode_finite(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> bool {
     match dtype {
-        Dtype::BF16 => bf16_to_f32_finite(bytes, out),
+        Dtype::BF16 => bf16_to_f32(bytes, out),
         _ => {
             decode(dtype, bytes, out);
             !super::finite::any_nonfinite(out)
@@ -82,15 +84,10 @@ pub fn bf16_bits(x: f32) -> u16 {
     }
 }
 
+/// Widens bf16 to f32 and tells whether every value is finite (the integer max rides along in
+/// registers, so `decode` uses it too and ignores the answer).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
-fn bf16_to_f32(bytes: &[u8], out: &mut [f32]) {
-    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-    }
-}
-
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
-fn bf16_to_f32_finite(bytes: &[u8], out: &mut [f32]) -> bool {
+fn bf16_to_f32(bytes: &[u8], out: &mut [f32]) -> bool {
     let mut most = 0u16;
     for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
         let bits = u16::from_le_bytes([b[0], b[1]]);
