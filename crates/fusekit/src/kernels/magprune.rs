@@ -38,6 +38,9 @@ pub struct MagPrune {
     verdicts: Vec<u8>,
     kept: Vec<u64>,
     undecided: Vec<u32>,
+    /// ‖δ‖₁ and ‖mask ⊙ δ‖₁ over the rows done, for the rescale, so that it needs no pass of
+    /// its own.
+    l1: [f64; 2],
 }
 
 /// Verdicts: sums of two comparisons, so bit 1 is the mask bit and bit 0 says undecided.
@@ -76,6 +79,7 @@ impl MagPrune {
             verdicts: Vec::new(),
             kept: Vec::new(),
             undecided: Vec::new(),
+            l1: [0.0; 2],
         }
     }
 
@@ -93,6 +97,7 @@ impl MagPrune {
             verdicts,
             kept,
             undecided,
+            l1,
         } = self;
         let ranked = keep_by_rank[keep_by_rank.len() - 1] > keep_by_rank[0];
         super::with_scratch(x.len(), |magnitude| {
@@ -129,15 +134,78 @@ impl MagPrune {
                     };
                     kept[j / 64] |= ((draws[j] < keep_by_rank[rank]) as u64) << (j % 64);
                 }
+                let [full, masked] = l1_norms(values, kept);
+                l1[0] += full;
+                l1[1] += masked;
                 or_at(bits, first, kept);
             });
         });
     }
 
-    /// The mask, one bit per element (bit i % 64 of word i / 64).
-    pub fn into_bits(self) -> Vec<u64> {
-        self.bits
+    /// The mask, one bit per element (bit i % 64 of word i / 64), and the task vector's L1
+    /// norm before and after it.
+    pub fn finish(self) -> (Vec<u64>, [f64; 2]) {
+        (self.bits, self.l1)
     }
+}
+
+/// (Σ values, Σ values kept by `words`) of one row of magnitudes: sixteen f32 lanes per sum,
+/// added in f64 at the end of the row.
+fn l1_norms(values: &[f32], words: &[u64]) -> [f64; 2] {
+    assert!(words.len() >= values.len().div_ceil(64));
+    let lanes = [[0f32; 16]; 2];
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above); `words` covers `values` (asserted).
+        let (lanes, from) = unsafe { l1_lanes_avx512(values, words) };
+        return l1_sum(l1_lanes(values, words, from, lanes));
+    }
+    l1_sum(l1_lanes(values, words, 0, lanes))
+}
+
+/// The lanes of `l1_norms` continued from element `from` (a multiple of 16).
+fn l1_lanes(
+    values: &[f32],
+    words: &[u64],
+    from: usize,
+    mut lanes: [[f32; 16]; 2],
+) -> [[f32; 16]; 2] {
+    for (i, &v) in values.iter().enumerate().skip(from) {
+        lanes[0][i % 16] += v;
+        if words[i / 64] >> (i % 64) & 1 == 1 {
+            lanes[1][i % 16] += v;
+        }
+    }
+    lanes
+}
+
+fn l1_sum(lanes: [[f32; 16]; 2]) -> [f64; 2] {
+    lanes.map(|lanes| lanes.iter().map(|&v| v as f64).sum::<f64>())
+}
+
+/// Sixteen elements at a time, the mask bits as the add's lane mask (LLVM scalarises the bit
+/// test); returns the lanes and where it stopped.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn l1_lanes_avx512(values: &[f32], words: &[u64]) -> ([[f32; 16]; 2], usize) {
+    use std::arch::x86_64::*;
+    let (mut full, mut masked) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= values.len() {
+        // SAFETY: i + 16 ≤ len for the load.
+        let v = unsafe { _mm512_loadu_ps(values.as_ptr().add(i)) };
+        let keep = (words[i / 64] >> (i % 64)) as u16;
+        full = _mm512_add_ps(full, v);
+        masked = _mm512_mask_add_ps(masked, keep, masked, v);
+        i += 16;
+    }
+    let mut lanes = [[0f32; 16]; 2];
+    // SAFETY: each array holds 16 f32.
+    unsafe {
+        _mm512_storeu_ps(lanes[0].as_mut_ptr(), full);
+        _mm512_storeu_ps(lanes[1].as_mut_ptr(), masked);
+    }
+    (lanes, i)
 }
 
 /// `rng::uniform(key, first + j)` for every j, in a loop the 64-bit multiplies vectorise.
@@ -360,7 +428,7 @@ mod tests {
             let end = (start + 333).min(n);
             mask.observe(&x[start..end], &base[start..end]);
         }
-        let bits = mask.into_bits();
+        let (bits, _) = mask.finish();
         let kept = |i: usize| bits[i / 64] >> (i % 64) & 1 == 1;
         // Magnitude r has rank r: kept with probability 0.3 + 0.4·r/99.
         for r in [0usize, 50, 99] {
@@ -440,7 +508,20 @@ mod tests {
                 let end = (start + 777).min(x.len());
                 mask.observe(&x[start..end], &base[start..end]);
             }
-            let bits = mask.into_bits();
+            let (bits, l1) = mask.finish();
+            let kept_sum: f64 = (0..x.len())
+                .filter(|&i| bits[i / 64] >> (i % 64) & 1 == 1)
+                .map(|i| x[i] as f64)
+                .sum();
+            let full_sum: f64 = x.iter().map(|&v| v as f64).sum();
+            assert!(
+                (l1[0] - full_sum).abs() <= 1e-5 * full_sum,
+                "{l1:?} vs {full_sum}"
+            );
+            assert!(
+                (l1[1] - kept_sum).abs() <= 1e-5 * kept_sum,
+                "{l1:?} vs {kept_sum}"
+            );
             let top = (row_len - 1).max(1) as f64;
             for (r, row) in x.chunks(row_len).enumerate() {
                 for (j, rank) in sorted_ranks(row).into_iter().enumerate() {

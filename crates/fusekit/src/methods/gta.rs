@@ -15,7 +15,8 @@
 //!
 //! Deltas and masks are computed in f32. DARE masks come from `rng::Draws`, keyed by
 //! (seed, tensor, model), so they are reproducible whatever the schedule. Statistics passes: the
-//! top-k search (`kernels::select`, usually two cheap passes), then the L1 norms for `rescale`.
+//! top-k search (`kernels::select`, usually two cheap passes), then the L1 norms for `rescale`
+//! (DELLA's mask pass sums them as it decides, so it needs no L1 pass).
 
 use super::*;
 use crate::dtype::Dtype;
@@ -367,6 +368,9 @@ impl TensorMerger for GtaMerger {
     }
 
     fn end_pass(&mut self, _pass: usize) -> Result<()> {
+        // DELLA's masks come with their L1 norms: the other models' masks keep everything or
+        // nothing, whose rescale is 1, so no L1 pass is left to run.
+        let pruned = self.models.iter().any(|m| m.prune.is_some());
         for m in &mut self.models {
             m.searches().for_each(TopK::end_pass);
             if let Some(keep) = m.search.as_ref().and_then(TopK::result) {
@@ -376,9 +380,11 @@ impl TensorMerger for GtaMerger {
                 (m.drop, m.drop_search) = (drop, None);
             }
             if let Some(prune) = m.prune.take() {
-                m.bits = Some(prune.into_bits());
+                let (bits, l1) = prune.finish();
+                m.bits = Some(bits);
+                m.l1 = l1;
             }
-            if self.in_l1_pass {
+            if self.in_l1_pass || (pruned && self.rescale_pending) {
                 let [before, after] = m.l1;
                 m.scale = if before < 1e-7 || after < 1e-7 {
                     1.0
@@ -387,7 +393,7 @@ impl TensorMerger for GtaMerger {
                 };
             }
         }
-        if self.in_l1_pass {
+        if self.in_l1_pass || pruned {
             self.rescale_pending = false;
         }
         Ok(())
