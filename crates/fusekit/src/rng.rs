@@ -21,11 +21,17 @@ pub fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A uniform number in [0, 1) for element `index` of the stream `key`.
+/// A uniform number in [0, 1) for element `index` of the stream `key`: `uniform_bits` as a
+/// fraction of 2⁵³.
 #[inline(always)]
 pub fn uniform(key: u64, index: u64) -> f64 {
-    let bits = mix(key.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-    (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    uniform_bits(key, index) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// The 53-bit integer behind `uniform(key, index)`.
+#[inline(always)]
+pub fn uniform_bits(key: u64, index: u64) -> u64 {
+    mix(key.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 11
 }
 
 /// Fast 32-bit draws of a stream, for hot loops (DARE masks): one round of a full-avalanche 32-bit

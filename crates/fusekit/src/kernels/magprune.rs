@@ -26,21 +26,46 @@ pub struct MagPrune {
     rows: RowBuffer,
     /// Keep probability by rank, `density − ε + 2ε·rank/(m − 1)`: the same for every row.
     keep_by_rank: Vec<f64>,
+    /// The same as bounds on a draw's top 32 bits (`Draw32`).
+    draw32_by_rank: Vec<Draw32>,
     key: u64,
     bits: Vec<u64>,
-    /// Per-row scratch: the draws, the rank index, each bucket's keep probabilities at its least
-    /// and greatest rank, the verdict per element, the row's mask words and its undecided
+    /// Per-row scratch: the draws' top 32 bits, the rank index, each bucket's draw bounds at its
+    /// least and greatest rank, the verdict per element, the row's mask words and its undecided
     /// positions.
-    draws: Vec<f64>,
+    draws: Vec<u32>,
     ranks: RowRanks,
-    least: Box<[f64; MAX_BUCKETS]>,
-    greatest: Box<[f64; MAX_BUCKETS]>,
+    least: Box<[u32; MAX_BUCKETS]>,
+    greatest: Box<[u32; MAX_BUCKETS]>,
     verdicts: Vec<u8>,
     kept: Vec<u64>,
     undecided: Vec<u32>,
     /// ‖δ‖₁ and ‖mask ⊙ δ‖₁ over the rows done, for the rescale, so that it needs no pass of
     /// its own.
     l1: [f64; 2],
+}
+
+/// What the top 32 bits `d` of a draw's 53 (`rng::uniform_bits`) say about keeping it: it is
+/// kept for sure when `d < sure`, and can be kept only when `d <= maybe`.
+#[derive(Debug, Clone, Copy)]
+struct Draw32 {
+    sure: u32,
+    maybe: u32,
+}
+
+impl Draw32 {
+    /// For keep probability `p` in [0, 1): a draw u = D / 2⁵³ keeps when D < T = ⌈p·2⁵³⌉, and
+    /// D lies in [d·2²¹, (d + 1)·2²¹).
+    fn new(p: f64) -> Draw32 {
+        let below = (p.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64;
+        Draw32 {
+            sure: (below >> 21).min(u32::MAX as u64) as u32,
+            maybe: below
+                .div_ceil(1 << 21)
+                .saturating_sub(1)
+                .min(u32::MAX as u64) as u32,
+        }
+    }
 }
 
 /// Verdicts: sums of two comparisons, so bit 1 is the mask bit and bit 0 says undecided.
@@ -66,16 +91,17 @@ impl MagPrune {
                 let rank_norm = if top > 0.0 { rank as f64 / top } else { 0.5 };
                 low + rank_norm * span
             })
-            .collect();
+            .collect::<Vec<f64>>();
         MagPrune {
             rows: RowBuffer::new(row_len, 1),
+            draw32_by_rank: keep_by_rank.iter().map(|&p| Draw32::new(p)).collect(),
             keep_by_rank,
             key,
             bits: vec![0; numel.div_ceil(64)],
             draws: Vec::new(),
             ranks: RowRanks::default(),
-            least: Box::new([0.0; MAX_BUCKETS]),
-            greatest: Box::new([0.0; MAX_BUCKETS]),
+            least: Box::new([0; MAX_BUCKETS]),
+            greatest: Box::new([0; MAX_BUCKETS]),
             verdicts: Vec::new(),
             kept: Vec::new(),
             undecided: Vec::new(),
@@ -88,6 +114,7 @@ impl MagPrune {
         let Self {
             rows,
             keep_by_rank,
+            draw32_by_rank,
             key,
             bits,
             draws,
@@ -107,32 +134,36 @@ impl MagPrune {
             rows.push(&[magnitude], |row, values| {
                 let values = values[0];
                 let first = row * values.len();
-                draws.resize(values.len(), 0.0);
+                draws.resize(values.len(), 0);
                 uniform_draws(*key, first as u64, draws);
                 verdicts.resize(values.len(), DROP);
                 if ranked {
                     ranks.index(values);
-                    ranks.keep_bounds(keep_by_rank, &mut least[..], &mut greatest[..]);
+                    ranks.keep_bounds(draw32_by_rank, &mut least[..], &mut greatest[..]);
                     judge(draws, ranks.buckets(), least, greatest, verdicts);
                 } else {
                     // Every rank keeps with the same probability.
+                    let Draw32 { sure, maybe } = draw32_by_rank[0];
                     for (verdict, &draw) in verdicts.iter_mut().zip(draws.iter()) {
-                        *verdict = if draw < keep_by_rank[0] { KEEP } else { DROP };
+                        *verdict = (draw < sure) as u8 + (draw <= maybe) as u8;
                     }
                 }
                 pack(verdicts, kept, undecided);
-                let grouped = undecided.len() > SCAN_LIMIT;
+                let grouped = ranked && undecided.len() > SCAN_LIMIT;
                 if grouped {
                     ranks.group(values);
                 }
                 for &j in undecided.iter() {
                     let j = j as usize;
-                    let rank = if grouped {
+                    let rank = if !ranked {
+                        0
+                    } else if grouped {
                         ranks.rank(j, values[j])
                     } else {
                         rank_by_count(values, j)
                     };
-                    kept[j / 64] |= ((draws[j] < keep_by_rank[rank]) as u64) << (j % 64);
+                    let draw = rng::uniform(*key, (first + j) as u64);
+                    kept[j / 64] |= ((draw < keep_by_rank[rank]) as u64) << (j % 64);
                 }
                 let [full, masked] = l1_norms(values, kept);
                 l1[0] += full;
@@ -208,29 +239,30 @@ unsafe fn l1_lanes_avx512(values: &[f32], words: &[u64]) -> ([[f32; 16]; 2], usi
     (lanes, i)
 }
 
-/// `rng::uniform(key, first + j)` for every j, in a loop the 64-bit multiplies vectorise.
+/// The top 32 bits of `rng::uniform_bits(key, first + j)` for every j, in a loop the 64-bit
+/// multiplies vectorise.
 #[multiversion(targets("x86_64+avx512f+avx512dq+avx512vl", "x86_64+avx2+fma"))]
-fn uniform_draws(key: u64, first: u64, draws: &mut [f64]) {
+fn uniform_draws(key: u64, first: u64, draws: &mut [u32]) {
     for (j, d) in draws.iter_mut().enumerate() {
-        *d = rng::uniform(key, first + j as u64);
+        *d = (rng::uniform_bits(key, first + j as u64) >> 21) as u32;
     }
 }
 
-/// The verdict on each element from its draw and its bucket alone: keep when the draw is below
-/// the least keep probability of the bucket's ranks, drop when it is not below the greatest,
-/// undecided between. (Tables of a fixed power-of-two size, so the masked lookups need no bounds
-/// checks and vectorise as gathers.)
+/// The verdict on each element from its draw and its bucket alone: keep when the draw is kept
+/// for sure at the least rank of the bucket, drop when it cannot be kept at the greatest,
+/// undecided between (then, and only then, the full draw decides). (Tables of a fixed
+/// power-of-two size, so the masked lookups need no bounds checks and vectorise as gathers.)
 #[multiversion(targets("x86_64+avx512f+avx512dq+avx512vl", "x86_64+avx2+fma"))]
 fn judge(
-    draws: &[f64],
+    draws: &[u32],
     buckets: &[u32],
-    least: &[f64; MAX_BUCKETS],
-    greatest: &[f64; MAX_BUCKETS],
+    least: &[u32; MAX_BUCKETS],
+    greatest: &[u32; MAX_BUCKETS],
     verdicts: &mut [u8],
 ) {
     for ((verdict, &draw), &b) in verdicts.iter_mut().zip(draws).zip(buckets) {
         let b = b as usize & (MAX_BUCKETS - 1);
-        *verdict = (draw < least[b]) as u8 + (draw < greatest[b]) as u8;
+        *verdict = (draw < least[b]) as u8 + (draw <= greatest[b]) as u8;
     }
 }
 
@@ -363,14 +395,15 @@ impl RowRanks {
         &self.bucket_of
     }
 
-    /// Per bucket, `by_rank` at its least and its greatest rank (an empty bucket's are unused).
-    fn keep_bounds(&self, by_rank: &[f64], least: &mut [f64], greatest: &mut [f64]) {
+    /// Per bucket, the sure bound at its least rank and the maybe bound at its greatest (an
+    /// empty bucket's are unused).
+    fn keep_bounds(&self, by_rank: &[Draw32], least: &mut [u32], greatest: &mut [u32]) {
         let top = by_rank.len() - 1;
         let bounds = least.iter_mut().zip(greatest.iter_mut());
         for ((least, greatest), span) in bounds.zip(self.start.windows(2)) {
             let (start, end) = (span[0] as usize, span[1] as usize);
-            *least = by_rank[start.min(top)];
-            *greatest = by_rank[end.saturating_sub(1).min(top)];
+            *least = by_rank[start.min(top)].sure;
+            *greatest = by_rank[end.saturating_sub(1).min(top)].maybe;
         }
     }
 
@@ -441,6 +474,37 @@ mod tests {
         }
         let total = (0..n).filter(|&i| kept(i)).count() as f64 / n as f64;
         assert!((total - 0.5).abs() < 0.01, "{total}");
+    }
+
+    #[test]
+    fn draw_bounds_never_contradict_the_full_draw() {
+        let unit = 1.0 / (1u64 << 53) as f64;
+        let edges = [
+            0.0,
+            unit,
+            0.05,
+            0.5,
+            1.0 - unit,
+            (1u64 << 21) as f64 * unit * 7.0,
+        ];
+        let key = rng::stream_key(3, "bounds", 0);
+        let random = (0..200).map(|i| rng::uniform(key, i));
+        for p in edges.into_iter().chain(random) {
+            let Draw32 { sure, maybe } = Draw32::new(p);
+            let threshold = (p * (1u64 << 53) as f64).ceil() as u64;
+            let near = [0, 1, threshold.saturating_sub(1), threshold, threshold + 1];
+            let spread = (0..64).map(|i| rng::uniform_bits(key, 1000 + i));
+            for d in near.into_iter().chain(spread).filter(|&d| d < 1 << 53) {
+                let kept = (d as f64) * unit < p;
+                let top = (d >> 21) as u32;
+                if top < sure {
+                    assert!(kept, "{p}: {d} judged kept");
+                }
+                if top > maybe {
+                    assert!(!kept, "{p}: {d} judged dropped");
+                }
+            }
+        }
     }
 
     /// Ranks by a stable sort of (value, position), the definition.
