@@ -43,6 +43,8 @@ pub struct MagPrune {
     /// ‖δ‖₁ and ‖mask ⊙ δ‖₁ over the rows done, for the rescale, so that it needs no pass of
     /// its own.
     l1: [f64; 2],
+    /// The row's |δ|.
+    magnitudes: Vec<f32>,
 }
 
 /// What the top 32 bits `d` of a draw's 53 (`rng::uniform_bits`) say about keeping it: it is
@@ -93,7 +95,7 @@ impl MagPrune {
             })
             .collect::<Vec<f64>>();
         MagPrune {
-            rows: RowBuffer::new(row_len, 1),
+            rows: RowBuffer::new(row_len, 2),
             draw32_by_rank: keep_by_rank.iter().map(|&p| Draw32::new(p)).collect(),
             keep_by_rank,
             key,
@@ -106,6 +108,7 @@ impl MagPrune {
             kept: Vec::new(),
             undecided: Vec::new(),
             l1: [0.0; 2],
+            magnitudes: Vec::new(),
         }
     }
 
@@ -125,51 +128,49 @@ impl MagPrune {
             kept,
             undecided,
             l1,
+            magnitudes,
         } = self;
         let ranked = keep_by_rank[keep_by_rank.len() - 1] > keep_by_rank[0];
-        super::with_scratch(x.len(), |magnitude| {
-            for ((m, &v), &b) in magnitude.iter_mut().zip(x).zip(base) {
-                *m = (v - b).abs();
+        rows.push(&[x, base], |row, inputs| {
+            magnitudes.resize(inputs[0].len(), 0.0);
+            let range = row_magnitudes(inputs[0], inputs[1], magnitudes);
+            let values = &magnitudes[..];
+            let first = row * values.len();
+            draws.resize(values.len(), 0);
+            uniform_draws(*key, first as u64, draws);
+            verdicts.resize(values.len(), DROP);
+            if ranked {
+                ranks.index(values, range);
+                ranks.keep_bounds(draw32_by_rank, &mut least[..], &mut greatest[..]);
+                judge(draws, ranks.buckets(), least, greatest, verdicts);
+            } else {
+                // Every rank keeps with the same probability.
+                let Draw32 { sure, maybe } = draw32_by_rank[0];
+                for (verdict, &draw) in verdicts.iter_mut().zip(draws.iter()) {
+                    *verdict = (draw < sure) as u8 + (draw <= maybe) as u8;
+                }
             }
-            rows.push(&[magnitude], |row, values| {
-                let values = values[0];
-                let first = row * values.len();
-                draws.resize(values.len(), 0);
-                uniform_draws(*key, first as u64, draws);
-                verdicts.resize(values.len(), DROP);
-                if ranked {
-                    ranks.index(values);
-                    ranks.keep_bounds(draw32_by_rank, &mut least[..], &mut greatest[..]);
-                    judge(draws, ranks.buckets(), least, greatest, verdicts);
+            pack(verdicts, kept, undecided);
+            let grouped = ranked && undecided.len() > SCAN_LIMIT;
+            if grouped {
+                ranks.group(values);
+            }
+            for &j in undecided.iter() {
+                let j = j as usize;
+                let rank = if !ranked {
+                    0
+                } else if grouped {
+                    ranks.rank(j, values[j])
                 } else {
-                    // Every rank keeps with the same probability.
-                    let Draw32 { sure, maybe } = draw32_by_rank[0];
-                    for (verdict, &draw) in verdicts.iter_mut().zip(draws.iter()) {
-                        *verdict = (draw < sure) as u8 + (draw <= maybe) as u8;
-                    }
-                }
-                pack(verdicts, kept, undecided);
-                let grouped = ranked && undecided.len() > SCAN_LIMIT;
-                if grouped {
-                    ranks.group(values);
-                }
-                for &j in undecided.iter() {
-                    let j = j as usize;
-                    let rank = if !ranked {
-                        0
-                    } else if grouped {
-                        ranks.rank(j, values[j])
-                    } else {
-                        rank_by_count(values, j)
-                    };
-                    let draw = rng::uniform(*key, (first + j) as u64);
-                    kept[j / 64] |= ((draw < keep_by_rank[rank]) as u64) << (j % 64);
-                }
-                let [full, masked] = l1_norms(values, kept);
-                l1[0] += full;
-                l1[1] += masked;
-                or_at(bits, first, kept);
-            });
+                    rank_by_count(values, j)
+                };
+                let draw = rng::uniform(*key, (first + j) as u64);
+                kept[j / 64] |= ((draw < keep_by_rank[rank]) as u64) << (j % 64);
+            }
+            let [full, masked] = l1_norms(values, kept);
+            l1[0] += full;
+            l1[1] += masked;
+            or_at(bits, first, kept);
         });
     }
 
@@ -333,13 +334,10 @@ struct RowRanks {
 }
 
 impl RowRanks {
-    fn index(&mut self, values: &[f32]) {
+    /// Indexes `values`, whose least nonzero and greatest bit patterns are `(min, max)`.
+    fn index(&mut self, values: &[f32], (min, max): (u32, u32)) {
         // Zeros, often a crowd (unchanged weights), get a bucket of their own, so that the
         // buckets spread over the range of the nonzero magnitudes only.
-        let (min, max) = values.iter().fold((u32::MAX, 0), |(min, max), v| {
-            let bits = v.to_bits();
-            (if bits == 0 { min } else { min.min(bits) }, max.max(bits))
-        });
         let buckets = (values.len() / 4)
             .next_power_of_two()
             .clamp(64, MAX_BUCKETS);
@@ -356,11 +354,15 @@ impl RowRanks {
         self.counts.clear();
         self.counts.resize(2 * buckets, 0);
         let (even, odd) = self.counts.split_at_mut(buckets);
-        for pair in self.bucket_of.chunks(2) {
-            even[pair[0] as usize] += 1;
-            if let Some(&b) = pair.get(1) {
-                odd[b as usize] += 1;
-            }
+        // Buckets are below the power of two `buckets`: the masks only spare bounds checks.
+        let last = buckets - 1;
+        let mut pairs = self.bucket_of.chunks_exact(2);
+        for pair in &mut pairs {
+            even[pair[0] as usize & last] += 1;
+            odd[pair[1] as usize & last] += 1;
+        }
+        if let [b] = pairs.remainder() {
+            even[*b as usize & last] += 1;
         }
         self.start.clear();
         self.start.resize(buckets + 1, 0);
@@ -430,6 +432,33 @@ fn bucket(v: f32, min: u32, shift: u32) -> u32 {
     } else {
         ((bits - min) >> shift) + 1
     }
+}
+
+/// Writes |x − base| into `magnitudes` and returns its least nonzero and its greatest bit
+/// pattern (u32::MAX and 0 for none): one pass while the row is in L1.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+fn row_magnitudes(x: &[f32], base: &[f32], magnitudes: &mut [f32]) -> (u32, u32) {
+    // Sixteen lanes of (bits − 1, wrapping: zero becomes the greatest) and bits.
+    let (mut below, mut max) = ([u32::MAX; 16], [0u32; 16]);
+    let mut lane = |l: usize, v: f32, b: f32, m: &mut f32| {
+        *m = (v - b).abs();
+        below[l] = below[l].min(m.to_bits().wrapping_sub(1));
+        max[l] = max[l].max(m.to_bits());
+    };
+    let whole = x.len() / 16 * 16;
+    let sixteens = x.chunks_exact(16).zip(base.chunks_exact(16));
+    for ((x, b), m) in sixteens.zip(magnitudes.chunks_exact_mut(16)) {
+        for l in 0..16 {
+            lane(l, x[l], b[l], &mut m[l]);
+        }
+    }
+    for i in whole..x.len() {
+        lane(i - whole, x[i], base[i], &mut magnitudes[i]);
+    }
+    let (below, max) = (below.into_iter().min(), max.into_iter().max());
+    let below = below.unwrap_or(u32::MAX);
+    let min = if below == u32::MAX { below } else { below + 1 };
+    (min, max.unwrap_or(0))
 }
 
 /// `bucket` of every value.
@@ -532,7 +561,16 @@ mod tests {
             let values = &all[all.len() - len..];
             let want = sorted_ranks(values);
             let mut ranks = RowRanks::default();
-            ranks.index(values);
+            let mut magnitudes = vec![0.0; len];
+            let range = row_magnitudes(values, &vec![0.0; len], &mut magnitudes);
+            assert_eq!(magnitudes, values);
+            let nonzero = values.iter().map(|v| v.to_bits()).filter(|&b| b != 0);
+            let want_range = (
+                nonzero.clone().min().unwrap_or(u32::MAX),
+                nonzero.max().unwrap_or(0),
+            );
+            assert_eq!(range, want_range, "{len}");
+            ranks.index(values, range);
             for (j, &v) in values.iter().enumerate() {
                 let (b, r) = (ranks.bucket(v), want[j]);
                 let span = ranks.start[b] as usize..ranks.start[b + 1] as usize;
