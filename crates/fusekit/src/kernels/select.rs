@@ -7,8 +7,10 @@
 //! 1. A sample — every element of every s-th block, ~64 K values, so the other blocks are not even
 //!    read — brackets the k-th magnitude in a window [lo, hi]; when it is the whole tensor the
 //!    answer is exact at once.
-//! 2. One pass counts elements above the window and collects (magnitude, index) inside it; the
-//!    exact k-th value and the tie cutoff come from sorting the window.
+//! 2. One pass counts elements above the window and collects the magnitudes inside it, in index
+//!    order, with how many each block gave; the exact k-th value comes from selecting in the
+//!    window, and the tie cutoff, unless every equal element is kept, from reading the one block
+//!    that holds it again (cheaper than an index per candidate).
 //! 3. A window too crowded to hold within the memory bound (wide bf16 tie groups) is settled from
 //!    counts of its values (kept from the moment the candidates overflow, those before added
 //!    then), plus one pass for the tie cutoff.
@@ -66,14 +68,14 @@ enum Stage {
         hi: u32,
         above: usize,
         inside: Vec<u32>,
-        /// Element indices (u32: larger tensors skip the window, see `new`).
-        index: Vec<u32>,
+        /// Per block with candidates, its start and how many candidates precede its own: the
+        /// block of the tie cutoff, read again alone, instead of an index per candidate.
+        blocks: Vec<(usize, usize)>,
         /// Counts of the window's values, from the moment the candidates outgrow their memory
         /// (wide tie groups): the k-th value is then read from here instead.
         histogram: WindowHistogram,
         overflowed: bool,
         bits: Vec<u32>,
-        at: Vec<u32>,
     },
     Coarse {
         counts: Vec<usize>,
@@ -83,9 +85,12 @@ enum Stage {
         above: usize,
         counts: Vec<usize>,
     },
+    /// The `take`-th element equal to `bits` in index order, counting from block `from`, where
+    /// `seen` of them are behind.
     Ties {
         bits: u32,
         take: usize,
+        from: usize,
         seen: usize,
         cutoff: usize,
     },
@@ -138,7 +143,9 @@ impl TopK {
         match &self.stage {
             Stage::Sample { stride, .. } => (start / BLOCK).is_multiple_of(*stride),
             // Once the tie cutoff is found, the rest of the pass is not read.
-            Stage::Ties { seen, take, .. } => seen < take,
+            Stage::Ties {
+                seen, take, from, ..
+            } => start >= *from && seen < take,
             Stage::Done(_) => false,
             _ => true,
         }
@@ -180,10 +187,12 @@ impl TopK {
             Stage::Ties {
                 bits,
                 take,
+                from,
                 seen,
                 cutoff,
             } => {
-                if *seen >= *take {
+                // Another search of the same merge may read blocks this one does not want.
+                if *seen >= *take || start < *from {
                     return;
                 }
                 let equal = count_equal(x, base, *bits);
@@ -226,13 +235,10 @@ impl TopK {
     /// The window and its scan buffers, in the window pass.
     fn window_out(&mut self) -> Option<WindowOut<'_>> {
         match &mut self.stage {
-            Stage::Window {
-                lo, hi, bits, at, ..
-            } => Some(WindowOut {
+            Stage::Window { lo, hi, bits, .. } => Some(WindowOut {
                 lo: *lo,
                 hi: *hi,
                 bits,
-                at,
             }),
             _ => None,
         }
@@ -244,11 +250,10 @@ impl TopK {
             lo,
             above,
             inside,
-            index,
+            blocks,
             histogram,
             overflowed,
             bits,
-            at,
             ..
         } = &mut self.stage
         else {
@@ -259,13 +264,13 @@ impl TopK {
             // From here on only the counts: those of the candidates so far first.
             *overflowed = true;
             histogram.add(*lo, inside);
-            (*inside, *index) = (Vec::new(), Vec::new());
+            (*inside, *blocks) = (Vec::new(), Vec::new());
         }
         if *overflowed {
             histogram.add(*lo, &bits[..found]);
-        } else {
+        } else if found > 0 {
+            blocks.push((start, inside.len()));
             inside.extend_from_slice(&bits[..found]);
-            index.extend(at[..found].iter().map(|&j| start as u32 + j));
         }
     }
 
@@ -305,18 +310,17 @@ impl TopK {
                         hi,
                         above: 0,
                         inside: Vec::with_capacity(room),
-                        index: Vec::with_capacity(room),
+                        blocks: Vec::new(),
                         histogram: WindowHistogram::new(lo, hi),
                         overflowed: false,
                         bits: vec![0; BLOCK],
-                        at: vec![0; BLOCK],
                     }
                 }
             }
             Stage::Window {
                 above,
                 inside,
-                index,
+                blocks,
                 histogram,
                 overflowed,
                 ..
@@ -324,21 +328,11 @@ impl TopK {
                 if overflowed {
                     histogram.settle(k, above)
                 } else if above < k && k <= above + inside.len() {
-                    // The k-th value, then the equal elements to keep: candidates are in index order.
                     let mut sorted = inside.clone();
                     let (_, &mut bits, _) =
                         sorted.select_nth_unstable_by(k - above - 1, |a, b| b.cmp(a));
                     let take = k - above - inside.iter().filter(|&&b| b > bits).count();
-                    let last = inside
-                        .iter()
-                        .zip(&index)
-                        .filter(|(&b, _)| b == bits)
-                        .nth(take - 1)
-                        .map(|(_, &i)| i as usize);
-                    Stage::Done(Keep {
-                        bits,
-                        cutoff: last.expect("take ≤ equal candidates") + 1,
-                    })
+                    tie_cutoff(bits, take, &inside, &blocks)
                 } else {
                     Stage::Coarse {
                         counts: vec![0; BUCKETS],
@@ -363,6 +357,7 @@ impl TopK {
                 Stage::Ties {
                     bits: (high << 16) | low as u32,
                     take,
+                    from: 0,
                     seen: 0,
                     cutoff: 0,
                 }
@@ -371,6 +366,36 @@ impl TopK {
             done => done,
         };
     }
+}
+
+/// Where the kept elements equal to the k-th value `bits` end, the first `take` of them in index
+/// order: every such element is a candidate, and candidates are in index order. Keeping all of
+/// them needs no cutoff; else the block holding the last one kept is read again, alone, to find
+/// its index.
+fn tie_cutoff(bits: u32, take: usize, inside: &[u32], blocks: &[(usize, usize)]) -> Stage {
+    let equal = |range: &[u32]| range.iter().filter(|&&b| b == bits).count();
+    if equal(inside) == take {
+        return Stage::Done(Keep {
+            bits,
+            cutoff: usize::MAX,
+        });
+    }
+    let mut seen = 0;
+    for (i, &(start, first)) in blocks.iter().enumerate() {
+        let end = blocks.get(i + 1).map_or(inside.len(), |next| next.1);
+        let here = equal(&inside[first..end]);
+        if seen + here >= take {
+            return Stage::Ties {
+                bits,
+                take,
+                from: start,
+                seen,
+                cutoff: 0,
+            };
+        }
+        seen += here;
+    }
+    unreachable!("take ≤ the equal candidates")
 }
 
 /// Counts of the magnitudes inside a window [lo, hi] in at most 65536 buckets, with each
@@ -434,6 +459,7 @@ impl WindowHistogram {
                     Stage::Ties {
                         bits: self.min[b],
                         take,
+                        from: 0,
                         seen: 0,
                         cutoff: 0,
                     }
@@ -456,13 +482,12 @@ fn count_equal(x: &[f32], base: &[f32], bits: u32) -> usize {
         .sum::<u32>() as usize
 }
 
-/// One window of a block scan: the bounds, and where the magnitudes inside it and their block
-/// offsets are packed (at the front).
+/// One window of a block scan: the bounds, and where the magnitudes inside it are packed (at the
+/// front).
 pub struct WindowOut<'a> {
     lo: u32,
     hi: u32,
     bits: &'a mut [u32],
-    at: &'a mut [u32],
 }
 
 /// Scans one block of |x − base| against each of `N` windows at once (breadcrumbs searches two
@@ -474,9 +499,7 @@ fn window_scan<const N: usize>(
     windows: &mut [WindowOut; N],
 ) -> [(usize, usize); N] {
     assert!(x.len() == base.len());
-    assert!(windows
-        .iter()
-        .all(|w| x.len() <= w.bits.len() && x.len() <= w.at.len()));
+    assert!(windows.iter().all(|w| x.len() <= w.bits.len()));
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked above) and the slices were checked to be long
@@ -499,7 +522,6 @@ fn window_scan_portable<const N: usize>(
         for (w, (above, found)) in windows.iter_mut().zip(&mut acc) {
             *above += (b > w.hi) as usize;
             w.bits[*found] = b;
-            w.at[*found] = j as u32;
             *found += ((b >= w.lo) & (b <= w.hi)) as usize;
         }
     }
@@ -523,12 +545,11 @@ unsafe fn window_scan_avx512<const N: usize>(
         )
     });
     let magnitude = _mm512_set1_epi32(0x7FFF_FFFF);
-    let mut index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     let mut acc = [(0usize, 0usize); N];
     let mut j = 0;
     while j + 16 <= x.len() {
         // SAFETY (all pointer uses): j + 16 ≤ len for the loads; the stores write 16 values at
-        // `found`, and found + 16 ≤ j + 16 ≤ bits.len(), at.len() (checked by the caller).
+        // `found`, and found + 16 ≤ j + 16 ≤ bits.len() (checked by the caller).
         let d = unsafe {
             _mm512_sub_ps(
                 _mm512_loadu_ps(x.as_ptr().add(j)),
@@ -544,14 +565,9 @@ unsafe fn window_scan_avx512<const N: usize>(
                     w.bits.as_mut_ptr().add(*found).cast(),
                     _mm512_maskz_compress_epi32(inside, b),
                 );
-                _mm512_storeu_si512(
-                    w.at.as_mut_ptr().add(*found).cast(),
-                    _mm512_maskz_compress_epi32(inside, index),
-                );
             }
             *found += inside.count_ones() as usize;
         }
-        index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
         j += 16;
     }
     window_scan_portable(x, base, windows, j, acc)
@@ -655,24 +671,21 @@ mod tests {
         // Each window scanned alone, by both paths, and both at once.
         type Scan<'a> = &'a dyn Fn(&mut [WindowOut]) -> Vec<(usize, usize)>;
         let run = |f: Scan, which: &[usize]| {
-            let mut buffers = vec![(vec![0u32; BLOCK], vec![0u32; BLOCK]); which.len()];
+            let mut buffers = vec![vec![0u32; BLOCK]; which.len()];
             let mut outs: Vec<WindowOut> = buffers
                 .iter_mut()
                 .zip(which)
-                .map(|((bits, at), &w)| WindowOut {
+                .map(|(bits, &w)| WindowOut {
                     lo: windows[w].0,
                     hi: windows[w].1,
                     bits,
-                    at,
                 })
                 .collect();
             let counts = f(&mut outs);
             counts
                 .iter()
                 .zip(&buffers)
-                .map(|(&(above, found), (bits, at))| {
-                    (above, bits[..found].to_vec(), at[..found].to_vec())
-                })
+                .map(|(&(above, found), bits)| (above, bits[..found].to_vec()))
                 .collect::<Vec<_>>()
         };
         let one = |o: &mut [WindowOut]| -> Vec<(usize, usize)> {
@@ -693,7 +706,7 @@ mod tests {
         assert_eq!(run(&both, &[0, 1]), alone);
         assert!(alone
             .iter()
-            .all(|(above, inside, _)| *above > 100 && inside.len() > 100));
+            .all(|(above, inside)| *above > 100 && inside.len() > 100));
     }
 
     #[test]
@@ -732,13 +745,9 @@ mod tests {
             while a.result().is_none() || b.result().is_none() {
                 for start in (0..values.len()).step_by(BLOCK) {
                     let x = &values[start..(start + BLOCK).min(values.len())];
-                    match (a.wants_block(start), b.wants_block(start)) {
-                        (true, true) => {
-                            TopK::observe_both(&mut a, &mut b, start, x, &zeros[..x.len()])
-                        }
-                        (true, false) => a.observe(start, x, &zeros[..x.len()]),
-                        (false, true) => b.observe(start, x, &zeros[..x.len()]),
-                        (false, false) => {}
+                    // As a merge feeds them: both get every block either wants.
+                    if a.wants_block(start) || b.wants_block(start) {
+                        TopK::observe_both(&mut a, &mut b, start, x, &zeros[..x.len()]);
                     }
                 }
                 a.end_pass();
@@ -746,6 +755,21 @@ mod tests {
             }
             assert_eq!(a.result(), Some(top_k(&values, ka)));
             assert_eq!(b.result(), Some(top_k(&values, kb)));
+        }
+    }
+
+    #[test]
+    fn the_tie_cutoff_reads_one_block_again() {
+        // Few distinct magnitudes: the k-th value has thousands of equal elements, of which
+        // only the first few are kept; the window holds them, but not their indices.
+        let values: Vec<f32> = (0..300_000u64)
+            .map(|i| (((i * 2654435761) >> 7) % 41) as f32 - 20.0)
+            .collect();
+        let blocks = values.len().div_ceil(BLOCK);
+        for k in [30_000, 150_000] {
+            let (t, read) = run_search(TopK::new(k, values.len()), &values);
+            assert_eq!(kept(t, &values), reference_keep(&values, k), "k={k}");
+            assert_eq!(read[1..], [blocks, 1], "k={k}: sample, window, one block");
         }
     }
 
