@@ -48,12 +48,44 @@ pub fn top_k_delta(
     out: &mut [f32],
 ) {
     for (j, ((o, &v), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
-        let d = v - b;
-        let bits = d.to_bits() & 0x7FFF_FFFF;
-        let index = start + j;
-        let kept = ((bits > keep.bits) | ((bits == keep.bits) & (index < keep.cutoff)))
-            & !((bits > drop.bits) | ((bits == drop.bits) & (index < drop.cutoff)));
-        *o = if kept { factor.of(d) } else { 0.0 };
+        *o = top_k_value(start + j, keep, drop, v - b, factor);
+    }
+}
+
+/// One element of `top_k_delta`: `delta`, at `index` in the tensor, weighted or 0.
+#[inline(always)]
+fn top_k_value(index: usize, keep: Keep, drop: Keep, delta: f32, factor: Factor) -> f32 {
+    let bits = delta.to_bits() & 0x7FFF_FFFF;
+    let kept = ((bits > keep.bits) | ((bits == keep.bits) & (index < keep.cutoff)))
+        & !((bits > drop.bits) | ((bits == drop.bits) & (index < drop.cutoff)));
+    if kept {
+        factor.of(delta)
+    } else {
+        0.0
+    }
+}
+
+/// sum += what `top_k_delta` writes: a sum over models without their deltas written out first.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+pub fn top_k_add(
+    start: usize,
+    keep: Keep,
+    drop: Keep,
+    x: &[f32],
+    base: &[f32],
+    factor: Factor,
+    sum: &mut [f32],
+) {
+    for (j, ((s, &v), &b)) in sum.iter_mut().zip(x).zip(base).enumerate() {
+        *s += top_k_value(start + j, keep, drop, v - b, factor);
+    }
+}
+
+/// sum += (x − base)·factor: `top_k_add` for a model that keeps everything.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+pub fn scaled_add(x: &[f32], base: &[f32], factor: Factor, sum: &mut [f32]) {
+    for ((s, &v), &b) in sum.iter_mut().zip(x).zip(base) {
+        *s += factor.of(v - b);
     }
 }
 
@@ -303,6 +335,51 @@ fn mask_l1_lanes<const L: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_adding_kernels_add_what_the_writing_ones_write() {
+        let n = 70;
+        let x: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.7).sin()).collect();
+        // Equal inputs give zero deltas, and a -0.0 weighted delta must leave a +0.0 sum.
+        let base: Vec<f32> = (0..n)
+            .map(|i| {
+                if i % 5 == 0 {
+                    x[i]
+                } else {
+                    ((i as f32) * 0.3).cos()
+                }
+            })
+            .collect();
+        let keep = Keep {
+            bits: 0.4f32.to_bits(),
+            cutoff: 31,
+        };
+        let drop = Keep {
+            bits: 1.2f32.to_bits(),
+            cutoff: 0,
+        };
+        let factor = Factor {
+            scale: 1.5,
+            weight: -0.5,
+        };
+        let mut delta = vec![0f32; n];
+        top_k_delta(3, keep, drop, &x, &base, factor, &mut delta);
+        let mut every = vec![0f32; n];
+        scaled_delta(&x, &base, factor, &mut every);
+        let prior: Vec<f32> = (0..n).map(|i| (i as f32) * 0.01).collect();
+        for start_sum in [vec![0f32; n], prior] {
+            let mut sum = start_sum.clone();
+            top_k_add(3, keep, drop, &x, &base, factor, &mut sum);
+            let mut all = start_sum.clone();
+            scaled_add(&x, &base, factor, &mut all);
+            for i in 0..n {
+                let want = start_sum[i] + delta[i];
+                assert_eq!(sum[i].to_bits(), want.to_bits(), "{i}");
+                assert_eq!(all[i].to_bits(), (start_sum[i] + every[i]).to_bits(), "{i}");
+            }
+        }
+        assert!(delta.contains(&0.0) && delta.iter().any(|d| *d != 0.0));
+    }
 
     #[test]
     fn consensus_merge_matches_the_plain_rule_on_every_lane_and_the_tail() {

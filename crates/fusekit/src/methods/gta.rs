@@ -303,6 +303,18 @@ impl Model {
         }
     }
 
+    /// Whether the mask is a magnitude rule (`top_k_delta`), keeping everything included.
+    fn masks_by_magnitude(&self) -> bool {
+        self.bits.is_none() && self.keep_below.is_none()
+    }
+
+    fn factor(&self) -> Factor {
+        Factor {
+            scale: self.scale,
+            weight: self.weight,
+        }
+    }
+
     fn keeps_all(&self) -> bool {
         self.keep == Keep::ALL && self.drop == Keep::NONE && self.bits.is_none()
     }
@@ -418,15 +430,29 @@ impl GtaMerger {
         let base = &inputs[self.base][range.clone()];
         let n = base.len();
         let models = self.models.len();
+        if !self.variant.consensus && self.models.iter().all(Model::masks_by_magnitude) {
+            // Each masked delta added straight into the sum (from +0.0, so that zero signs
+            // come out as when the deltas were summed).
+            crate::kernels::with_scratch(n, |mixed| {
+                mixed.fill(0.0);
+                for m in &self.models {
+                    let x = &inputs[m.input][range.clone()];
+                    let (at, factor) = (start + range.start, m.factor());
+                    if m.keeps_all() {
+                        task_vectors::scaled_add(x, base, factor, mixed);
+                    } else {
+                        task_vectors::top_k_add(at, m.keep, m.drop, x, base, factor, mixed);
+                    }
+                }
+                self.finish_plain(base, mixed, out);
+            });
+            return;
+        }
         crate::kernels::with_scratch(n * (models + 1), |scratch| {
             let (deltas, mixed) = scratch.split_at_mut(n * models);
             for (m, d) in self.models.iter().zip(deltas.chunks_exact_mut(n)) {
-                let factor = Factor {
-                    scale: m.scale,
-                    weight: m.weight,
-                };
                 let x = &inputs[m.input][range.clone()];
-                m.masked_delta(start + range.start, x, base, factor, d);
+                m.masked_delta(start + range.start, x, base, m.factor(), d);
             }
             if self.variant.consensus {
                 let mix = task_vectors::Consensus {
@@ -442,8 +468,13 @@ impl GtaMerger {
             for d in deltas.chunks_exact(n) {
                 mixed.iter_mut().zip(d).for_each(|(s, x)| *s += x);
             }
-            let (divisor, normalize) = (self.plain_divisor, self.normalize);
-            task_vectors::finish(base, mixed, divisor, normalize, self.lambda, out);
+            self.finish_plain(base, mixed, out);
         })
+    }
+
+    /// out = base + the summed deltas, divided and scaled (the path without consensus).
+    fn finish_plain(&self, base: &[f32], mixed: &[f32], out: &mut [f32]) {
+        let (divisor, normalize) = (self.plain_divisor, self.normalize);
+        task_vectors::finish(base, mixed, divisor, normalize, self.lambda, out);
     }
 }
