@@ -53,6 +53,20 @@ impl Keep {
     pub fn keeps(&self, index: usize, bits: u32) -> bool {
         bits > self.bits || (bits == self.bits && index < self.cutoff)
     }
+
+    /// Over the indices `start..end`, the least magnitude bits kept, unless the tie cutoff falls
+    /// inside (elements equal to the threshold are then kept throughout or nowhere).
+    #[inline(always)]
+    pub fn least_kept(&self, start: usize, end: usize) -> Option<u32> {
+        if self.cutoff >= end {
+            Some(self.bits)
+        } else if self.cutoff <= start {
+            // No magnitude reaches u32::MAX (the sign bit is clear), so saturating keeps none.
+            Some(self.bits.saturating_add(1))
+        } else {
+            None
+        }
+    }
 }
 
 enum Stage {

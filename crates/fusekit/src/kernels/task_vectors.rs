@@ -47,8 +47,41 @@ pub fn top_k_delta(
     factor: Factor,
     out: &mut [f32],
 ) {
-    for (j, ((o, &v), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
-        *o = top_k_value(start + j, keep, drop, v - b, factor);
+    top_k_each(start, keep, drop, x, base, factor, out, |o, value| {
+        *o = value
+    });
+}
+
+/// Calls `put(out[j], value)` with `top_k_delta`'s value of every element j. Where neither tie
+/// cutoff falls inside the range, the rules are two thresholds on the magnitude bits, without
+/// the per-element index comparisons.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn top_k_each(
+    start: usize,
+    keep: Keep,
+    drop: Keep,
+    x: &[f32],
+    base: &[f32],
+    factor: Factor,
+    out: &mut [f32],
+    put: impl Fn(&mut f32, f32),
+) {
+    let end = start + out.len();
+    let elements = out.iter_mut().zip(x).zip(base);
+    if let (Some(keep_from), Some(drop_from)) =
+        (keep.least_kept(start, end), drop.least_kept(start, end))
+    {
+        for ((o, &v), &b) in elements {
+            let d = v - b;
+            let bits = d.to_bits() & 0x7FFF_FFFF;
+            let kept = (bits >= keep_from) & (bits < drop_from);
+            put(o, if kept { factor.of(d) } else { 0.0 });
+        }
+    } else {
+        for (j, ((o, &v), &b)) in elements.enumerate() {
+            put(o, top_k_value(start + j, keep, drop, v - b, factor));
+        }
     }
 }
 
@@ -76,9 +109,9 @@ pub fn top_k_add(
     factor: Factor,
     sum: &mut [f32],
 ) {
-    for (j, ((s, &v), &b)) in sum.iter_mut().zip(x).zip(base).enumerate() {
-        *s += top_k_value(start + j, keep, drop, v - b, factor);
-    }
+    top_k_each(start, keep, drop, x, base, factor, sum, |s, value| {
+        *s += value
+    });
 }
 
 /// sum += (x − base)·factor: `top_k_add` for a model that keeps everything.
@@ -335,6 +368,38 @@ fn mask_l1_lanes<const L: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_k_delta_follows_the_rule_wherever_the_cutoffs_fall() {
+        let (start, n) = (100, 40);
+        // Five magnitudes, so the thresholds have ties on both sides of every cutoff.
+        let x: Vec<f32> = (0..n).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.25).collect();
+        let base = vec![0f32; n];
+        let factor = Factor {
+            scale: 2.0,
+            weight: 0.5,
+        };
+        let cutoffs = [0, 99, 100, 117, 140, 141, usize::MAX];
+        let rules = |bits: f32| {
+            cutoffs.map(|cutoff| Keep {
+                bits: bits.to_bits(),
+                cutoff,
+            })
+        };
+        let drops = rules(0.5).into_iter().chain([Keep::NONE]);
+        for drop in drops {
+            for keep in rules(0.25).into_iter().chain([Keep::ALL, Keep::NONE]) {
+                let mut out = vec![f32::NAN; n];
+                top_k_delta(start, keep, drop, &x, &base, factor, &mut out);
+                for (j, (&o, &v)) in out.iter().zip(&x).enumerate() {
+                    let bits = v.to_bits() & 0x7FFF_FFFF;
+                    let kept = keep.keeps(start + j, bits) && !drop.keeps(start + j, bits);
+                    let want = if kept { v * 2.0 * 0.5 } else { 0.0 };
+                    assert_eq!(o.to_bits(), want.to_bits(), "{keep:?} {drop:?} {j}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_adding_kernels_add_what_the_writing_ones_write() {
