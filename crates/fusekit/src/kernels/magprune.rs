@@ -33,8 +33,8 @@ pub struct MagPrune {
     key: u64,
     bits: Vec<u64>,
     /// Per-row scratch: the draws' top 32 bits, the rank index, each bucket's draw bounds at its
-    /// least and greatest rank, the verdict per element, the row's mask words and its undecided
-    /// positions.
+    /// least and greatest rank, the row's mask words, its undecided positions and the packed
+    /// draws of the judging.
     draws: Vec<u32>,
     ranks: RowRanks,
     least: Box<[u32; MAX_BUCKETS]>,
@@ -275,9 +275,12 @@ fn judge(
     undecided.clear();
     let mut from = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("bmi2") {
-        // SAFETY: the CPU has AVX-512F and BMI2 (checked above, BMI2 implies POPCNT);
-        // `judge_avx512` checks its lengths.
+    if std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("bmi2")
+        && std::is_x86_feature_detected!("popcnt")
+    {
+        // SAFETY: the CPU has the features enabled (checked above); `judge_avx512` checks its
+        // lengths.
         from = unsafe { judge_avx512(draws, band, buckets, kept, undecided, packed) };
     }
     judge_portable(draws, band, buckets, from, kept, undecided);
@@ -692,6 +695,18 @@ mod tests {
                     assert!(!kept, "{p}: {d} judged dropped");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn l1_norm_paths_agree() {
+        let key = rng::stream_key(8, "l1", 0);
+        let values: Vec<f32> = (0..1000).map(|i| rng::uniform(key, i) as f32).collect();
+        let words: Vec<u64> = (0..16).map(|i| rng::uniform_bits(key, 5000 + i)).collect();
+        for len in [1000, 64, 17, 0] {
+            let values = &values[..len];
+            let portable = l1_sum(l1_lanes(values, &words, 0, [[0.0; 16]; 2]));
+            assert_eq!(l1_norms(values, &words), portable, "{len}");
         }
     }
 
