@@ -127,11 +127,6 @@ impl TopK {
             Stage::Done(Keep::NONE)
         } else if k >= n {
             Stage::Done(Keep::ALL)
-        } else if n > u32::MAX as usize {
-            // Window candidates carry u32 indices; beyond that the histograms serve alone.
-            Stage::Coarse {
-                counts: vec![0; BUCKETS],
-            }
         } else {
             Stage::Sample {
                 stride: n.div_ceil(BLOCK).div_ceil(SAMPLE_BLOCKS),
