@@ -1,112 +1,79 @@
 //! DELLA's MagPrune mask (Deep et al., arXiv:2406.11617): within each row, rank the task-vector
-//! magnitudes (1 = smallest), normalise the ranks to [0, 1] and keep each element with
-//! probability `density − ε + 2ε·rank_norm`, so larger magnitudes survive more often.
+//! magnitudes, normalise the ranks to [0, 1] and keep each element with probability
+//! `density − ε + 2ε·rank_norm`, so larger magnitudes survive more often.
 //!
-//! Built in one streamed pass: rows are reassembled from blocks, ranked by (magnitude, index) —
-//! equal magnitudes rank by index, where torch's unstable argsort ranks them arbitrarily — and
-//! the draws come from the counter-based stream of the model, so the mask is a pure function of
-//! (seed, tensor, model). A row of one element keeps with probability `density` (mergekit
-//! divides by zero there). The mask is one bit per element.
+//! Equal magnitudes share their mean rank (the "mid-rank" `less + (equal − 1)/2`), so each is kept
+//! with the mean of the probabilities of the ranks they span: exactly its chance under torch's
+//! arbitrary tie order in mergekit, and the same for every copy of a value. A row of one element
+//! keeps with probability `density` (mergekit divides by zero there). The draws are the 32-bit
+//! counter-based stream of DARE (`rng::Draws`), so the mask, one bit per element, is a pure
+//! function of (seed, tensor, model).
 //!
-//! No row is sorted. An element is kept when its draw is below the keep probability of its rank,
-//! and that probability rises with rank. A histogram of the row's magnitudes bounds each
-//! element's rank to its bucket's span, and so its keep probability to the span's least and
-//! greatest: a draw below the least keeps, one not below the greatest drops, which decides all
-//! but a few elements. Most draws need no bucket at all: those below density − ε keep and those
-//! from density + ε on drop at any rank; only the 2ε between look their bucket up. The judging
-//! compares the draws' top 32 bits, and only the undecided elements draw in full and get their
-//! exact rank: by counting over the row when they are few, else by grouping the row by bucket
-//! and sorting the buckets they fall in. Same mask as ranking by a full sort; della 9.2 s → 4.2 s
-//! on the 1.2 B bench, where the sort had been half the time.
+//! No row is sorted. An element is kept when its draw is below the threshold of its doubled
+//! mid-rank, and thresholds rise with rank. A histogram of the row's magnitudes, over buckets of
+//! equal width in bit-pattern space (zeros apart), bounds each element's rank to its bucket's span,
+//! and so its threshold to the span's least and greatest: a draw below the least keeps, one not
+//! below the greatest drops. Coarse buckets (64, groups of the fine ones) decide ~98 % of a row
+//! sixteen elements at a time, their bounds looked up from registers; the fine buckets decide
+//! most of the rest, and the few left get their exact mid-rank by counting over the row.
 
 use super::rows::RowBuffer;
-use crate::rng;
+use crate::rng::{keep_threshold, Draws};
 use multiversion::multiversion;
 
 #[derive(Debug)]
 pub struct MagPrune {
     rows: RowBuffer,
-    /// Keep probability by rank, `density − ε + 2ε·rank/(m − 1)`: the same for every row.
-    keep_by_rank: Vec<f64>,
-    /// The same as bounds on a draw's top 32 bits (`Draw32`).
-    draw32_by_rank: Vec<Draw32>,
+    /// Keep threshold by doubled mid-rank 2F = 0 ..= 2(m − 1): kept when the draw is below it.
+    by_rank2: Vec<u32>,
     key: u64,
     bits: Vec<u64>,
-    /// Per-row scratch: the draws' top 32 bits, the rank index, each bucket's draw bounds at its
-    /// least and greatest rank, the row's mask words, its undecided positions and the packed
-    /// draws of the judging.
-    draws: Vec<u32>,
-    ranks: RowRanks,
-    least: Box<[u32; MAX_BUCKETS]>,
-    greatest: Box<[u32; MAX_BUCKETS]>,
-    kept: Vec<u64>,
-    undecided: Vec<u32>,
-    packed: Packed,
     /// ‖δ‖₁ and ‖mask ⊙ δ‖₁ over the rows done, for the rescale, so that it needs no pass of
     /// its own.
     l1: [f64; 2],
-    /// The row's |δ|.
+    scratch: RowScratch,
+}
+
+/// Per-row scratch, kept between rows.
+#[derive(Debug, Default)]
+struct RowScratch {
+    /// |δ| of the row.
     magnitudes: Vec<f32>,
+    draws: Vec<u32>,
+    ranks: RowRanks,
+    kept: Vec<u64>,
+    /// Positions the coarse buckets leave open, then those the fine buckets leave open.
+    open: Vec<u32>,
+    exact: Vec<(u32, u32)>,
+    /// The magnitudes of the fine buckets that exact ranks are counted in.
+    members: Vec<f32>,
 }
 
-/// What the top 32 bits `d` of a draw's 53 (`rng::uniform_bits`) say about keeping it: it is
-/// kept for sure when `d < sure`, and can be kept only when `d <= maybe`.
-#[derive(Debug, Clone, Copy)]
-struct Draw32 {
-    sure: u32,
-    maybe: u32,
-}
-
-impl Draw32 {
-    /// For keep probability `p` in [0, 1): a draw u = D / 2⁵³ keeps when D < T = ⌈p·2⁵³⌉, and
-    /// D lies in [d·2²¹, (d + 1)·2²¹).
-    fn new(p: f64) -> Draw32 {
-        let below = (p.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64;
-        Draw32 {
-            sure: (below >> 21).min(u32::MAX as u64) as u32,
-            maybe: below
-                .div_ceil(1 << 21)
-                .saturating_sub(1)
-                .min(u32::MAX as u64) as u32,
-        }
-    }
-}
-
-/// Up to this many undecided elements a row ranks each by counting over the row (a vectorised
-/// pass); past it, grouping the row's keys by bucket once costs less. (Measured on task vectors
-/// of bf16 weights: 16 and 64 were slower.)
-const SCAN_LIMIT: usize = 32;
-
-/// Buckets per row: a quarter of the row length's power of two, within 64..=MAX_BUCKETS. (Task
-/// vectors of bf16 weights hold a few hundred distinct magnitudes per row of thousands; finer
-/// buckets cost more to bound than they save in undecided elements, and 1/8 or 1/16 were slower.)
-const MAX_BUCKETS: usize = 4096;
+/// Coarse buckets: the zeros, then 63 groups of fine buckets. Their bounds fit four vector
+/// registers per table, so judging needs no memory lookups.
+const COARSE: usize = 64;
 
 impl MagPrune {
     pub fn new(numel: usize, row_len: usize, density: f64, epsilon: f64, key: u64) -> MagPrune {
         let (low, span) = (density - epsilon, 2.0 * epsilon);
-        let top = (row_len.max(1) - 1) as f64;
-        let keep_by_rank = (0..row_len.max(1))
-            .map(|rank| {
-                let rank_norm = if top > 0.0 { rank as f64 / top } else { 0.5 };
-                low + rank_norm * span
+        let top2 = 2 * (row_len.max(1) - 1);
+        let by_rank2 = (0..=top2)
+            .map(|rank2| {
+                let rank_norm = if top2 > 0 {
+                    rank2 as f64 / top2 as f64
+                } else {
+                    0.5
+                };
+                keep_threshold(low + rank_norm * span)
             })
-            .collect::<Vec<f64>>();
+            .collect();
         MagPrune {
             rows: RowBuffer::new(row_len, 2),
-            draw32_by_rank: keep_by_rank.iter().map(|&p| Draw32::new(p)).collect(),
-            keep_by_rank,
+            by_rank2,
             key,
             bits: vec![0; numel.div_ceil(64)],
-            draws: Vec::new(),
-            ranks: RowRanks::default(),
-            least: Box::new([0; MAX_BUCKETS]),
-            greatest: Box::new([0; MAX_BUCKETS]),
-            kept: Vec::new(),
-            undecided: Vec::new(),
-            packed: Packed::default(),
             l1: [0.0; 2],
-            magnitudes: Vec::new(),
+            scratch: RowScratch::default(),
         }
     }
 
@@ -114,62 +81,18 @@ impl MagPrune {
     pub fn observe(&mut self, x: &[f32], base: &[f32]) {
         let Self {
             rows,
-            keep_by_rank,
-            draw32_by_rank,
+            by_rank2,
             key,
             bits,
-            draws,
-            ranks,
-            least,
-            greatest,
-            kept,
-            undecided,
-            packed,
             l1,
-            magnitudes,
+            scratch,
         } = self;
-        let ranked = keep_by_rank[keep_by_rank.len() - 1] > keep_by_rank[0];
         rows.push(&[x, base], |row, inputs| {
-            magnitudes.resize(inputs[0].len(), 0.0);
-            let range = row_magnitudes(inputs[0], inputs[1], magnitudes);
-            let values = &magnitudes[..];
-            let first = row * values.len();
-            draws.resize(values.len(), 0);
-            uniform_draws(*key, first as u64, draws);
-            let band = Draw32 {
-                sure: draw32_by_rank[0].sure,
-                maybe: draw32_by_rank[draw32_by_rank.len() - 1].maybe,
-            };
-            let buckets = ranked.then(|| {
-                ranks.index(values, range);
-                ranks.keep_bounds(draw32_by_rank, &mut least[..], &mut greatest[..]);
-                BucketBounds {
-                    of: ranks.buckets(),
-                    least,
-                    greatest,
-                }
-            });
-            judge(draws, band, buckets.as_ref(), kept, undecided, packed);
-            let grouped = ranked && undecided.len() > SCAN_LIMIT;
-            if grouped {
-                ranks.group(values);
-            }
-            for &j in undecided.iter() {
-                let j = j as usize;
-                let rank = if !ranked {
-                    0
-                } else if grouped {
-                    ranks.rank(j, values[j])
-                } else {
-                    rank_by_count(values, j)
-                };
-                let draw = rng::uniform(*key, (first + j) as u64);
-                kept[j / 64] |= ((draw < keep_by_rank[rank]) as u64) << (j % 64);
-            }
-            let [full, masked] = l1_norms(values, kept);
+            let first = row * inputs[0].len();
+            let [full, masked] = scratch.judge_row(inputs[0], inputs[1], *key, first, by_rank2);
             l1[0] += full;
             l1[1] += masked;
-            or_at(bits, first, kept);
+            or_at(bits, first, &scratch.kept);
         });
     }
 
@@ -177,6 +100,174 @@ impl MagPrune {
     /// norm before and after it.
     pub fn finish(self) -> (Vec<u64>, [f64; 2]) {
         (self.bits, self.l1)
+    }
+}
+
+impl RowScratch {
+    /// Decides the row starting at element `first` into `kept` and returns its L1 norms.
+    fn judge_row(
+        &mut self,
+        x: &[f32],
+        base: &[f32],
+        key: u64,
+        first: usize,
+        by_rank2: &[u32],
+    ) -> [f64; 2] {
+        let m = x.len();
+        self.magnitudes.resize(m, 0.0);
+        let range = row_magnitudes(x, base, &mut self.magnitudes);
+        self.draws.resize(m, 0);
+        fill_draws(key, first as u64, &mut self.draws);
+        self.kept.clear();
+        self.kept.resize(m.div_ceil(64), 0);
+        let (least, greatest) = (by_rank2[0], by_rank2[by_rank2.len() - 1]);
+        if least == greatest {
+            // Every rank keeps alike.
+            for (j, &d) in self.draws.iter().enumerate() {
+                self.kept[j / 64] |= ((d < least) as u64) << (j % 64);
+            }
+        } else {
+            self.judge_ranked(range, by_rank2);
+        }
+        l1_norms(&self.magnitudes, &self.kept)
+    }
+
+    fn judge_ranked(&mut self, range: (u32, u32), by_rank2: &[u32]) {
+        let Self {
+            magnitudes,
+            draws,
+            ranks,
+            kept,
+            open,
+            exact,
+            members,
+        } = self;
+        ranks.index(magnitudes, range);
+        let coarse = ranks.coarse_bounds(by_rank2);
+        judge(draws, &ranks.fine, ranks.group_shift, &coarse, kept, open);
+        exact.clear();
+        let mut needed = [0u32; COARSE];
+        for &j in open.iter() {
+            let (j, f) = (j as usize, ranks.fine[j as usize] as usize);
+            let (least, greatest) = ranks.fine_bounds(f, by_rank2);
+            if draws[j] < least {
+                kept[j / 64] |= 1 << (j % 64);
+            } else if draws[j] < greatest {
+                exact.push((magnitudes[j].to_bits(), j as u32));
+                needed[f / 32] |= 1 << (f % 32);
+            }
+        }
+        if exact.is_empty() {
+            return;
+        }
+        // Exact ranks count within the fine buckets they fall in, whose members are gathered
+        // in one pass; equal magnitudes share their rank, so each value is counted once.
+        gather_members(magnitudes, &ranks.fine, &needed, members);
+        exact.sort_unstable();
+        let mut counted: Option<(u32, u32)> = None;
+        for &(value, j) in exact.iter() {
+            let threshold = match counted {
+                Some((v, t)) if v == value => t,
+                _ => {
+                    let f = ranks.fine[j as usize] as usize;
+                    let rank2 = ranks.mid_rank2(f, value, &needed, members);
+                    let t = by_rank2[rank2];
+                    counted = Some((value, t));
+                    t
+                }
+            };
+            let j = j as usize;
+            kept[j / 64] |= ((draws[j] < threshold) as u64) << (j % 64);
+        }
+    }
+}
+
+/// How many of `values` (non-negative) have a bit pattern below `bound` and below `bound + 1`.
+/// (Counted in u32 lanes, a row being shorter than 2³².)
+fn count_below_pair(values: &[f32], bound: u32) -> (u32, u32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        let (counts, from) = unsafe { count_below_pair_avx512(values, bound) };
+        return count_below_pair_from(values, bound, from, counts);
+    }
+    count_below_pair_from(values, bound, 0, (0, 0))
+}
+
+/// `count_below_pair` continued from element `from`, with the counts so far.
+fn count_below_pair_from(
+    values: &[f32],
+    bound: u32,
+    from: usize,
+    (mut less, mut not_above): (u32, u32),
+) -> (u32, u32) {
+    for v in &values[from..] {
+        less += (v.to_bits() < bound) as u32;
+        not_above += (v.to_bits() <= bound) as u32;
+    }
+    (less, not_above)
+}
+
+/// Sixteen values per compare, each count a masked subtraction of −1 (LLVM widens the mask to
+/// a vector first), the last vector masked; returns the counts and where it stopped (the end).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn count_below_pair_avx512(values: &[f32], bound: u32) -> ((u32, u32), usize) {
+    use std::arch::x86_64::*;
+    let (below, not_above) = (
+        _mm512_set1_epi32(bound as i32),
+        _mm512_set1_epi32(bound.wrapping_add(1) as i32),
+    );
+    let minus_one = _mm512_set1_epi32(-1);
+    let mut counts = [_mm512_setzero_si512(); 4];
+    let mut i = 0;
+    while i + 32 <= values.len() {
+        for half in 0..2 {
+            // SAFETY: i + 32 ≤ len for both loads.
+            let x = unsafe { _mm512_loadu_si512(values.as_ptr().add(i + 16 * half).cast()) };
+            let (a, b) = (2 * half, 2 * half + 1);
+            let is_below = _mm512_cmplt_epu32_mask(x, below);
+            counts[a] = _mm512_mask_sub_epi32(counts[a], is_below, counts[a], minus_one);
+            let is_not_above = _mm512_cmplt_epu32_mask(x, not_above);
+            counts[b] = _mm512_mask_sub_epi32(counts[b], is_not_above, counts[b], minus_one);
+        }
+        i += 32;
+    }
+    while i < values.len() {
+        let lanes = (values.len() - i).min(16);
+        let valid = (((1u32 << lanes) - 1) & 0xffff) as u16;
+        let valid = if lanes == 16 { u16::MAX } else { valid };
+        // SAFETY: the masked load reads only the lanes below len.
+        let x = unsafe { _mm512_maskz_loadu_epi32(valid, values.as_ptr().add(i).cast()) };
+        let is_below = _mm512_mask_cmplt_epu32_mask(valid, x, below);
+        counts[0] = _mm512_mask_sub_epi32(counts[0], is_below, counts[0], minus_one);
+        let is_not_above = _mm512_mask_cmplt_epu32_mask(valid, x, not_above);
+        counts[1] = _mm512_mask_sub_epi32(counts[1], is_not_above, counts[1], minus_one);
+        i += lanes;
+    }
+    let sum = |a: __m512i, b: __m512i| _mm512_reduce_add_epi32(_mm512_add_epi32(a, b)) as u32;
+    let less = sum(counts[0], counts[2]);
+    let not_above = sum(counts[1], counts[3]);
+    ((less, not_above), i)
+}
+
+/// The draws of elements `first..first + out.len()`: `Draws::at(key, i).bits(i)`, one view per
+/// stretch sharing the high 32 bits of the index.
+fn fill_draws(key: u64, first: u64, out: &mut [u32]) {
+    let mut at = 0;
+    while at < out.len() {
+        let index = first + at as u64;
+        let left_in_stretch = (1u64 << 32) - (index & 0xffff_ffff);
+        let end = out.len().min(at.saturating_add(left_in_stretch as usize));
+        draw_stretch(Draws::at(key, index), index, &mut out[at..end]);
+        at = end;
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
+fn draw_stretch(draws: Draws, first: u64, out: &mut [u32]) {
+    for (j, d) in out.iter_mut().enumerate() {
+        *d = draws.bits(first + j as u64);
     }
 }
 
@@ -239,213 +330,190 @@ unsafe fn l1_lanes_avx512(values: &[f32], words: &[u64]) -> ([[f32; 16]; 2], usi
     (lanes, i)
 }
 
-/// The top 32 bits of `rng::uniform_bits(key, first + j)` for every j, in a loop the 64-bit
-/// multiplies vectorise.
-#[multiversion(targets("x86_64+avx512f+avx512dq+avx512vl", "x86_64+avx2+fma"))]
-fn uniform_draws(key: u64, first: u64, draws: &mut [u32]) {
-    for (j, d) in draws.iter_mut().enumerate() {
-        *d = (rng::uniform_bits(key, first + j as u64) >> 21) as u32;
-    }
+/// Per coarse bucket, the threshold at its least and at its greatest possible doubled mid-rank.
+#[derive(Debug, Clone, Copy)]
+struct CoarseBounds {
+    least: [u32; COARSE],
+    greatest: [u32; COARSE],
 }
 
-/// Each element's bucket, and per bucket the sure bound at its least rank and the maybe bound
-/// at its greatest (`RowRanks::keep_bounds`).
-struct BucketBounds<'a> {
-    of: &'a [u32],
-    least: &'a [u32; MAX_BUCKETS],
-    greatest: &'a [u32; MAX_BUCKETS],
-}
-
-/// Judges each element by its draw's top 32 bits (`Draw32`): into `kept`, the mask words of the
-/// elements kept for sure, and into `undecided`, the positions whose full draw must decide.
-/// `band` holds for every rank: a draw below its sure bound keeps, one above its maybe bound
-/// drops, whatever the rank (most draws: keep probabilities span 2ε). Only the draws between
-/// look up their bucket's bounds, or are undecided when the row has no buckets (every rank
-/// keeps alike).
+/// Judges every element by its coarse bucket (fine bucket `fine[j]` grouped by `group_shift`):
+/// into `kept`, the mask words of the elements kept for sure, and into `open`, the positions
+/// whose bucket does not decide.
 fn judge(
     draws: &[u32],
-    band: Draw32,
-    buckets: Option<&BucketBounds>,
-    kept: &mut Vec<u64>,
-    undecided: &mut Vec<u32>,
-    packed: &mut Packed,
+    fine: &[u32],
+    group_shift: u32,
+    bounds: &CoarseBounds,
+    kept: &mut [u64],
+    open: &mut Vec<u32>,
 ) {
-    kept.clear();
-    kept.resize(draws.len().div_ceil(64), 0);
-    undecided.clear();
+    assert!(fine.len() >= draws.len() && kept.len() >= draws.len().div_ceil(64));
+    open.clear();
     let mut from = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f")
-        && std::is_x86_feature_detected!("bmi2")
-        && std::is_x86_feature_detected!("popcnt")
-    {
-        // SAFETY: the CPU has the features enabled (checked above); `judge_avx512` checks its
-        // lengths.
-        from = unsafe { judge_avx512(draws, band, buckets, kept, undecided, packed) };
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above); the lengths are asserted above.
+        from = unsafe { judge_avx512(draws, fine, group_shift, bounds, kept, open) };
     }
-    judge_portable(draws, band, buckets, from, kept, undecided);
+    judge_portable(draws, fine, group_shift, bounds, from, kept, open);
+}
+
+/// The coarse bucket of fine bucket `f`: 0 for the zeros, else 1 + (f − 1) / group size.
+fn coarse_of(f: u32, group_shift: u32) -> usize {
+    ((f + (1 << group_shift) - 1) >> group_shift) as usize & (COARSE - 1)
+}
+
+/// Gathers into `members` the values whose fine bucket is set in the bitmap `needed` (bit
+/// f % 32 of word f / 32).
+fn gather_members(values: &[f32], fine: &[u32], needed: &[u32; COARSE], members: &mut Vec<f32>) {
+    assert!(fine.len() >= values.len());
+    members.clear();
+    let mut from = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above); the lengths are asserted above.
+        from = unsafe { gather_members_avx512(values, fine, needed, members) };
+    }
+    for (&v, &f) in values.iter().zip(fine).skip(from) {
+        let f = f as usize % (32 * COARSE);
+        if needed[f / 32] >> (f % 32) & 1 == 1 {
+            members.push(v);
+        }
+    }
+}
+
+/// `gather_members` sixteen at a time: the bitmap's words looked up from registers like the
+/// coarse bounds, the members packed with a compress. Returns where it stopped.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather_members_avx512(
+    values: &[f32],
+    fine: &[u32],
+    needed: &[u32; COARSE],
+    members: &mut Vec<f32>,
+) -> usize {
+    use std::arch::x86_64::*;
+    // SAFETY: quarter q holds 16 u32 of the 64.
+    let table =
+        [0, 1, 2, 3].map(|q| unsafe { _mm512_loadu_si512(needed.as_ptr().add(16 * q).cast()) });
+    let (five, low_bits, one) = (
+        _mm_cvtsi32_si128(5),
+        _mm512_set1_epi32(31),
+        _mm512_set1_epi32(1),
+    );
+    let half = _mm512_set1_epi32(32);
+    let whole = values.len() / 16 * 16;
+    members.reserve(whole + 16);
+    let mut n = members.len();
+    for at in (0..whole).step_by(16) {
+        // SAFETY: at + 16 ≤ whole ≤ both lengths; the store writes 16 lanes at n ≤ at, within
+        // the reserved capacity.
+        unsafe {
+            let f = _mm512_loadu_si512(fine.as_ptr().add(at).cast());
+            let word = _mm512_srl_epi32(f, five);
+            let upper = _mm512_test_epi32_mask(word, half);
+            let low = _mm512_permutex2var_epi32(table[0], word, table[1]);
+            let high = _mm512_permutex2var_epi32(table[2], word, table[3]);
+            let bits = _mm512_mask_blend_epi32(upper, low, high);
+            let bit = _mm512_srlv_epi32(bits, _mm512_and_si512(f, low_bits));
+            let member = _mm512_test_epi32_mask(bit, one);
+            let v = _mm512_loadu_ps(values.as_ptr().add(at));
+            _mm512_storeu_ps(
+                members.as_mut_ptr().add(n),
+                _mm512_maskz_compress_ps(member, v),
+            );
+            n += member.count_ones() as usize;
+        }
+    }
+    // SAFETY: the first n elements were written above.
+    unsafe { members.set_len(n) };
+    whole
 }
 
 /// `judge` element by element, from element `from` (a multiple of 64).
 fn judge_portable(
     draws: &[u32],
-    band: Draw32,
-    buckets: Option<&BucketBounds>,
+    fine: &[u32],
+    group_shift: u32,
+    bounds: &CoarseBounds,
     from: usize,
     kept: &mut [u64],
-    undecided: &mut Vec<u32>,
+    open: &mut Vec<u32>,
 ) {
-    for (j, &draw) in draws.iter().enumerate().skip(from) {
-        let (keep, open) = if draw < band.sure {
-            (true, false)
-        } else if draw > band.maybe {
-            (false, false)
-        } else if let Some(buckets) = buckets {
-            let b = buckets.of[j] as usize & (MAX_BUCKETS - 1);
-            let keep = draw < buckets.least[b];
-            (keep, !keep && draw <= buckets.greatest[b])
-        } else {
-            (false, true)
-        };
+    for (j, &d) in draws.iter().enumerate().skip(from) {
+        let c = coarse_of(fine[j], group_shift);
+        let keep = d < bounds.least[c];
         kept[j / 64] |= (keep as u64) << (j % 64);
-        if open {
-            undecided.push(j as u32);
+        if !keep && d < bounds.greatest[c] {
+            open.push(j as u32);
         }
     }
 }
 
-/// Scratch of `judge_avx512`: the draws inside the band, packed, with their buckets; per word
-/// of the row, which elements they are; and their verdicts, one bit each in packed order.
-#[derive(Debug, Default)]
-struct Packed {
-    bucket: Vec<u32>,
-    draw: Vec<u32>,
-    band: Vec<u64>,
-    keep: Vec<u64>,
-    open: Vec<u64>,
-}
-
-/// `judge` 64 elements at a time, in three steps: sixteen draws per vector against the band,
-/// packing the draws inside it (about 2ε of them) with their buckets; those looked up in the
-/// bucket tables sixteen per gather; their verdict bits put back in place (`pdep`). Gathers
-/// cost the same with lanes masked off, so packing is what spares them. Returns where it
-/// stopped.
+/// `judge` sixteen elements per vector: each table is four registers, looked up with two
+/// two-register permutes and a blend. Returns where it stopped.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,bmi2,popcnt")]
+#[target_feature(enable = "avx512f")]
 unsafe fn judge_avx512(
     draws: &[u32],
-    band: Draw32,
-    buckets: Option<&BucketBounds>,
+    fine: &[u32],
+    group_shift: u32,
+    bounds: &CoarseBounds,
     kept: &mut [u64],
-    undecided: &mut Vec<u32>,
-    packed: &mut Packed,
+    open: &mut Vec<u32>,
 ) -> usize {
     use std::arch::x86_64::*;
-    let whole = draws.len() / 64;
-    assert!(kept.len() >= whole && buckets.is_none_or(|b| b.of.len() >= draws.len()));
-    let sure = _mm512_set1_epi32(band.sure as i32);
-    let maybe = _mm512_set1_epi32(band.maybe as i32);
-    packed.band.clear();
-    packed.band.resize(whole, 0);
-    if buckets.is_some() {
-        packed.bucket.resize(whole * 64 + 16, 0);
-        packed.draw.resize(whole * 64 + 16, 0);
-    }
-    let mut n = 0;
-    for (w, (word, band_word)) in kept.iter_mut().zip(&mut packed.band).enumerate() {
-        for g in 0..4 {
-            let at = w * 64 + g * 16;
-            // SAFETY: at + 16 ≤ whole · 64 ≤ draws.len() (and ≤ the buckets' length); the
-            // packed stores write 16 lanes at n ≤ at, within whole · 64 + 16.
-            let d = unsafe { _mm512_loadu_si512(draws.as_ptr().add(at).cast()) };
-            let below = _mm512_cmplt_epu32_mask(d, sure);
-            let inside = _mm512_cmple_epu32_mask(d, maybe) & !below;
-            *word |= (below as u64) << (16 * g);
-            *band_word |= (inside as u64) << (16 * g);
-            if let Some(buckets) = buckets {
-                unsafe {
-                    let b = _mm512_loadu_si512(buckets.of.as_ptr().add(at).cast());
-                    let (to_bucket, to_draw) =
-                        (packed.bucket.as_mut_ptr(), packed.draw.as_mut_ptr());
-                    _mm512_storeu_si512(
-                        to_bucket.add(n).cast(),
-                        _mm512_maskz_compress_epi32(inside, b),
-                    );
-                    _mm512_storeu_si512(
-                        to_draw.add(n).cast(),
-                        _mm512_maskz_compress_epi32(inside, d),
-                    );
-                }
-                n += inside.count_ones() as usize;
-            }
-        }
-    }
-    let Some(buckets) = buckets else {
-        // Every rank keeps alike: the band is what is undecided.
-        for (w, &band_word) in packed.band.iter().enumerate() {
-            push_positions(w, band_word, undecided);
-        }
-        return whole * 64;
+    let table = |t: &[u32; COARSE], q: usize| {
+        // SAFETY: quarter q holds 16 u32 of the 64.
+        unsafe { _mm512_loadu_si512(t.as_ptr().add(16 * q).cast()) }
     };
-    let verdict_words = n.div_ceil(64) + 1;
-    for bits in [&mut packed.keep, &mut packed.open] {
-        bits.clear();
-        bits.resize(verdict_words, 0);
-    }
-    let mask = _mm512_set1_epi32(MAX_BUCKETS as i32 - 1);
-    for i in (0..n).step_by(16) {
-        let valid = if n - i >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << (n - i)) - 1
-        };
-        // SAFETY: i + 16 ≤ n + 15 < the packed arrays' length; the gather indices are masked
-        // below MAX_BUCKETS, the tables' length.
-        let (least, greatest, d) = unsafe {
-            let b = _mm512_and_si512(
-                _mm512_loadu_si512(packed.bucket.as_ptr().add(i).cast()),
-                mask,
-            );
-            let zero = _mm512_setzero_si512();
-            (
-                _mm512_mask_i32gather_epi32::<4>(zero, valid, b, buckets.least.as_ptr().cast()),
-                _mm512_mask_i32gather_epi32::<4>(zero, valid, b, buckets.greatest.as_ptr().cast()),
-                _mm512_loadu_si512(packed.draw.as_ptr().add(i).cast()),
-            )
-        };
-        let keep = _mm512_mask_cmplt_epu32_mask(valid, d, least);
-        let open = _mm512_mask_cmple_epu32_mask(valid, d, greatest) & !keep;
-        packed.keep[i / 64] |= (keep as u64) << (i % 64);
-        packed.open[i / 64] |= (open as u64) << (i % 64);
-    }
-    let mut at = 0;
-    for (w, (word, &band_word)) in kept.iter_mut().zip(&packed.band).enumerate() {
-        *word |= _pdep_u64(bits_at(&packed.keep, at), band_word);
-        push_positions(
-            w,
-            _pdep_u64(bits_at(&packed.open, at), band_word),
-            undecided,
-        );
-        at += band_word.count_ones() as usize;
+    let least = [0, 1, 2, 3].map(|q| table(&bounds.least, q));
+    let greatest = [0, 1, 2, 3].map(|q| table(&bounds.greatest, q));
+    let lookup = |t: &[__m512i; 4], c: __m512i, upper: __mmask16| {
+        let low = _mm512_permutex2var_epi32(t[0], c, t[1]);
+        let high = _mm512_permutex2var_epi32(t[2], c, t[3]);
+        _mm512_mask_blend_epi32(upper, low, high)
+    };
+    let round = _mm512_set1_epi32((1 << group_shift) - 1);
+    let shift = _mm_cvtsi32_si128(group_shift as i32);
+    let half = _mm512_set1_epi32(32);
+    let whole = draws.len() / 64;
+    // Open lanes are collected as words and listed after the loop: a push may call the
+    // allocator, which would spill the tables around every call.
+    let mut open_words = [0u64; 64];
+    for (chunk, kept) in kept[..whole].chunks_mut(64).enumerate() {
+        for (w, word) in kept.iter_mut().enumerate() {
+            let mut undecided = 0u64;
+            for g in 0..4 {
+                let at = (chunk * 64 + w) * 64 + g * 16;
+                // SAFETY: at + 16 ≤ whole · 64 ≤ both lengths (asserted by `judge`).
+                let (f, d) = unsafe {
+                    (
+                        _mm512_loadu_si512(fine.as_ptr().add(at).cast()),
+                        _mm512_loadu_si512(draws.as_ptr().add(at).cast()),
+                    )
+                };
+                let c = _mm512_srl_epi32(_mm512_add_epi32(f, round), shift);
+                let upper = _mm512_test_epi32_mask(c, half);
+                let keep = _mm512_cmplt_epu32_mask(d, lookup(&least, c, upper));
+                let open = _mm512_mask_cmplt_epu32_mask(!keep, d, lookup(&greatest, c, upper));
+                *word |= (keep as u64) << (16 * g);
+                undecided |= (open as u64) << (16 * g);
+            }
+            open_words[w] = undecided;
+        }
+        for (w, &word) in open_words.iter().enumerate().take(kept.len()) {
+            push_positions((chunk * 64 + w) * 64, word, open);
+        }
     }
     whole * 64
 }
 
-/// The 64 bits of `words` from bit `at` on (the word after the last must exist).
-fn bits_at(words: &[u64], at: usize) -> u64 {
-    let (i, shift) = (at / 64, at % 64);
-    let low = words[i] >> shift;
-    if shift == 0 {
-        low
-    } else {
-        low | words[i + 1] << (64 - shift)
-    }
-}
-
-/// Appends the positions of the set bits of word `w` of a row.
-fn push_positions(w: usize, mut word: u64, positions: &mut Vec<u32>) {
+/// Appends `first` + the positions of the set bits of `word`.
+fn push_positions(first: usize, mut word: u64, positions: &mut Vec<u32>) {
     while word != 0 {
-        positions.push((w * 64) as u32 + word.trailing_zeros());
+        positions.push(first as u32 + word.trailing_zeros());
         word &= word - 1;
     }
 }
@@ -463,66 +531,46 @@ fn or_at(bits: &mut [u64], first: usize, row: &[u64]) {
     }
 }
 
-/// The rank of `values[j]` by (value, position), counted: the values before it not above it
-/// and those from it on below it.
-fn rank_by_count(values: &[f32], j: usize) -> usize {
-    let bits = values[j].to_bits();
-    count_below(&values[..j], bits + 1) + count_below(&values[j..], bits)
-}
-
-/// How many of `values` (non-negative) have a bit pattern below `bound`. (Counted in u32, a row
-/// being shorter than 2³², so that sixteen lanes count at once where a usize count took eight.)
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
-fn count_below(values: &[f32], bound: u32) -> usize {
-    values
-        .iter()
-        .map(|v| (v.to_bits() < bound) as u32)
-        .sum::<u32>() as usize
-}
-
-/// Ranks within one row of non-negative values, by (value, position). A histogram over buckets
-/// of equal width on the row's range of bit patterns (an f32 bit pattern orders like a
-/// non-negative float) bounds every rank to its bucket's span. For exact ranks the row's keys,
-/// the bit pattern over the position, are grouped by bucket in one scatter, in position order
-/// within each bucket; a bucket is sorted only when a rank inside it is asked for (equal values,
-/// the common crowd of a bucket, are already in order).
+/// Rank bounds within one row of non-negative values: a histogram over fine buckets of equal
+/// width on the row's range of bit patterns (an f32 bit pattern orders like a non-negative
+/// float), zeros in bucket 0, the others in 63 groups of `1 << group_shift` fine buckets.
 #[derive(Debug, Default)]
 struct RowRanks {
     min: u32,
     shift: u32,
-    /// Bucket b holds keys[start[b]..start[b + 1]].
+    group_shift: u32,
+    /// Fine bucket b holds the ranks start[b]..start[b + 1].
     start: Vec<u32>,
-    next: Vec<u32>,
-    keys: Vec<u64>,
-    sorted: Vec<bool>,
     counts: Vec<u32>,
-    bucket_of: Vec<u32>,
+    fine: Vec<u32>,
 }
 
 impl RowRanks {
     /// Indexes `values`, whose least nonzero and greatest bit patterns are `(min, max)`.
     fn index(&mut self, values: &[f32], (min, max): (u32, u32)) {
-        // Zeros, often a crowd (unchanged weights), get a bucket of their own, so that the
-        // buckets spread over the range of the nonzero magnitudes only.
-        let buckets = (values.len() / 4)
-            .next_power_of_two()
-            .clamp(64, MAX_BUCKETS);
+        // About a fine bucket per four elements, at most 32 per coarse one (so that the needed
+        // fine buckets fit a bitmap of 64 words). Task vectors of bf16 weights hold crowds of
+        // equal magnitudes, and most exact ranks fall in them; buckets two or four times finer
+        // measured no faster.
+        let group = (values.len() / 4 / COARSE).next_power_of_two().clamp(1, 32);
+        self.group_shift = group.trailing_zeros();
+        let nonzero = (COARSE - 1) * group;
         let width = max.saturating_sub(min);
         self.min = min.min(max);
         self.shift = 0;
-        while width >> self.shift > buckets as u32 - 2 {
+        while width >> self.shift > nonzero as u32 - 1 {
             self.shift += 1;
         }
-        self.bucket_of.resize(values.len(), 0);
-        bucket_all(values, self.min, self.shift, &mut self.bucket_of);
+        self.fine.resize(values.len(), 0);
+        bucket_all(values, self.min, self.shift, &mut self.fine);
         // Two interleaved histograms, so that neighbours in one bucket do not wait on each
-        // other's increment.
+        // other's increment; a power-of-two size, so that masks spare the bounds checks.
+        let size = COARSE * group;
         self.counts.clear();
-        self.counts.resize(2 * buckets, 0);
-        let (even, odd) = self.counts.split_at_mut(buckets);
-        // Buckets are below the power of two `buckets`: the masks only spare bounds checks.
-        let last = buckets - 1;
-        let mut pairs = self.bucket_of.chunks_exact(2);
+        self.counts.resize(2 * size, 0);
+        let (even, odd) = self.counts.split_at_mut(size);
+        let last = size - 1;
+        let mut pairs = self.fine.chunks_exact(2);
         for pair in &mut pairs {
             even[pair[0] as usize & last] += 1;
             odd[pair[1] as usize & last] += 1;
@@ -531,62 +579,119 @@ impl RowRanks {
             even[*b as usize & last] += 1;
         }
         self.start.clear();
-        self.start.resize(buckets + 1, 0);
-        let mut total = 0;
-        for ((start, e), o) in self.start[1..].iter_mut().zip(even.iter()).zip(odd.iter()) {
-            total += e + o;
-            *start = total;
+        self.start.resize(nonzero + 2, 0);
+        running_totals(even, odd, &mut self.start);
+    }
+
+    /// The thresholds at the least and greatest doubled mid-rank of fine buckets `buckets`, the
+    /// zeros being one value: their mid-rank is exact.
+    fn bounds(&self, buckets: std::ops::RangeInclusive<usize>, by_rank2: &[u32]) -> (u32, u32) {
+        let (start, end) = (self.start[*buckets.start()], self.start[buckets.end() + 1]);
+        let (start, end) = (start as usize, end as usize);
+        if end == start {
+            return (0, 0);
         }
-    }
-
-    /// Groups the row's keys by bucket, in position order within each (one scatter).
-    fn group(&mut self, values: &[f32]) {
-        let buckets = self.start.len() - 1;
-        self.next.clear();
-        self.next.extend_from_slice(&self.start[..buckets]);
-        self.keys.resize(values.len(), 0);
-        for (j, &v) in values.iter().enumerate() {
-            let b = self.bucket(v);
-            self.keys[self.next[b] as usize] = sort_key(j, v);
-            self.next[b] += 1;
+        if *buckets.start() == 0 && *buckets.end() == 0 {
+            let exact = by_rank2[start + end - 1];
+            return (exact, exact);
         }
-        self.sorted.clear();
-        self.sorted.resize(buckets, false);
+        (by_rank2[2 * start], by_rank2[2 * (end - 1)])
     }
 
-    fn bucket(&self, v: f32) -> usize {
-        bucket(v, self.min, self.shift) as usize
-    }
-
-    /// The bucket of every value of the row indexed last.
-    fn buckets(&self) -> &[u32] {
-        &self.bucket_of
-    }
-
-    /// Per bucket, the sure bound at its least rank and the maybe bound at its greatest (an
-    /// empty bucket's are unused).
-    fn keep_bounds(&self, by_rank: &[Draw32], least: &mut [u32], greatest: &mut [u32]) {
-        let top = by_rank.len() - 1;
-        let bounds = least.iter_mut().zip(greatest.iter_mut());
-        for ((least, greatest), span) in bounds.zip(self.start.windows(2)) {
-            let (start, end) = (span[0] as usize, span[1] as usize);
-            *least = by_rank[start.min(top)].sure;
-            *greatest = by_rank[end.saturating_sub(1).min(top)].maybe;
+    /// The doubled mid-rank of the bit pattern `value`, of fine bucket `bucket`, whose
+    /// members are among `members` with those of the other buckets set in `needed`: the ranks
+    /// below the bucket, plus its members below `value` counted twice, plus those equal, minus
+    /// one.
+    fn mid_rank2(
+        &self,
+        bucket: usize,
+        value: u32,
+        needed: &[u32; COARSE],
+        members: &[f32],
+    ) -> usize {
+        // The members of lower buckets are below `value` too, and counted in `start` already.
+        let mut lower = 0;
+        for (w, &word) in needed.iter().enumerate().take(bucket / 32 + 1) {
+            let mut word = word;
+            while word != 0 {
+                let f = w * 32 + word.trailing_zeros() as usize;
+                if f >= bucket {
+                    break;
+                }
+                lower += self.start[f + 1] - self.start[f];
+                word &= word - 1;
+            }
         }
+        let (less, not_above) = count_below_pair(members, value);
+        (2 * (self.start[bucket] - lower) + less + not_above) as usize - 1
     }
 
-    /// The exact rank of the value at `position` (`value`), once the row is grouped.
-    fn rank(&mut self, position: usize, value: f32) -> usize {
-        let b = self.bucket(value);
-        let (start, end) = (self.start[b] as usize, self.start[b + 1] as usize);
-        let bucket = &mut self.keys[start..end];
-        if !self.sorted[b] {
-            bucket.sort_unstable();
-            self.sorted[b] = true;
-        }
-        let key = sort_key(position, value);
-        start + bucket.partition_point(|&k| k < key)
+    fn fine_bounds(&self, bucket: usize, by_rank2: &[u32]) -> (u32, u32) {
+        self.bounds(bucket..=bucket, by_rank2)
     }
+
+    fn coarse_bounds(&self, by_rank2: &[u32]) -> CoarseBounds {
+        let mut coarse = CoarseBounds {
+            least: [0; COARSE],
+            greatest: [0; COARSE],
+        };
+        let group = 1usize << self.group_shift;
+        for c in 0..COARSE {
+            let buckets = if c == 0 {
+                0..=0
+            } else {
+                (c - 1) * group + 1..=c * group
+            };
+            (coarse.least[c], coarse.greatest[c]) = self.bounds(buckets, by_rank2);
+        }
+        coarse
+    }
+}
+
+/// start[0] = 0 and start[i + 1] = start[i] + even[i] + odd[i].
+fn running_totals(even: &[u32], odd: &[u32], start: &mut [u32]) {
+    let n = start.len() - 1;
+    assert!(even.len() >= n && odd.len() >= n);
+    let mut from = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above); the lengths are asserted above.
+        from = unsafe { running_totals_avx512(even, odd, start) };
+    }
+    for i in from..n {
+        start[i + 1] = start[i] + even[i] + odd[i];
+    }
+}
+
+/// `running_totals` sixteen at a time: a scan inside the vector in four shifted adds, then the
+/// carry from the vectors before. Returns where it stopped.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn running_totals_avx512(even: &[u32], odd: &[u32], start: &mut [u32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = start.len() - 1;
+    let zero = _mm512_setzero_si512();
+    let last = _mm512_set1_epi32(15);
+    let mut carry = zero;
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 ≤ n ≤ both inputs' lengths, and start has n + 1 elements.
+        unsafe {
+            let mut v = _mm512_add_epi32(
+                _mm512_loadu_si512(even.as_ptr().add(i).cast()),
+                _mm512_loadu_si512(odd.as_ptr().add(i).cast()),
+            );
+            v = _mm512_add_epi32(v, _mm512_alignr_epi32::<15>(v, zero));
+            v = _mm512_add_epi32(v, _mm512_alignr_epi32::<14>(v, zero));
+            v = _mm512_add_epi32(v, _mm512_alignr_epi32::<12>(v, zero));
+            v = _mm512_add_epi32(v, _mm512_alignr_epi32::<8>(v, zero));
+            v = _mm512_add_epi32(v, carry);
+            _mm512_storeu_si512(start.as_mut_ptr().add(i + 1).cast(), v);
+            carry = _mm512_permutexvar_epi32(last, v);
+        }
+        i += 16;
+    }
+    i
 }
 
 /// Bucket 0 for zero, else 1 + the distance of the bit pattern from the least nonzero one, in
@@ -635,28 +740,41 @@ fn bucket_all(values: &[f32], min: u32, shift: u32, buckets: &mut [u32]) {
     }
 }
 
-/// (value, position) as one integer that orders like the pair.
-fn sort_key(position: usize, value: f32) -> u64 {
-    (value.to_bits() as u64) << 32 | position as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng;
+
+    /// The doubled mid-ranks of a row by their definition: twice the values below, plus the
+    /// equal ones, minus one.
+    fn mid_ranks2(values: &[f32]) -> Vec<usize> {
+        values
+            .iter()
+            .map(|v| {
+                let less = values.iter().filter(|w| *w < v).count();
+                let equal = values.iter().filter(|w| *w == v).count();
+                2 * less + equal - 1
+            })
+            .collect()
+    }
+
+    fn mask_of(x: &[f32], row_len: usize, density: f64, epsilon: f64, key: u64) -> MagPrune {
+        let base = vec![0f32; x.len()];
+        let mut mask = MagPrune::new(x.len(), row_len, density, epsilon, key);
+        for start in (0..x.len()).step_by(777) {
+            let end = (start + 777).min(x.len());
+            mask.observe(&x[start..end], &base[start..end]);
+        }
+        mask
+    }
 
     #[test]
     fn keeps_larger_magnitudes_more_often() {
         let (rows, row_len) = (400, 100);
         let n = rows * row_len;
-        let base = vec![0f32; n];
         // Every row holds the magnitudes 0..100 in a shuffled order.
         let x: Vec<f32> = (0..n).map(|i| ((i * 37) % row_len) as f32).collect();
-        let mut mask = MagPrune::new(n, row_len, 0.5, 0.2, 9);
-        for start in (0..n).step_by(333) {
-            let end = (start + 333).min(n);
-            mask.observe(&x[start..end], &base[start..end]);
-        }
-        let (bits, _) = mask.finish();
+        let (bits, _) = mask_of(&x, row_len, 0.5, 0.2, 9).finish();
         let kept = |i: usize| bits[i / 64] >> (i % 64) & 1 == 1;
         // Magnitude r has rank r: kept with probability 0.3 + 0.4·r/99.
         for r in [0usize, 50, 99] {
@@ -672,34 +790,26 @@ mod tests {
     }
 
     #[test]
-    fn draw_bounds_never_contradict_the_full_draw() {
-        let unit = 1.0 / (1u64 << 53) as f64;
-        let edges = [
-            0.0,
-            unit,
-            0.05,
-            0.5,
-            1.0 - unit,
-            (1u64 << 21) as f64 * unit * 7.0,
-        ];
-        let key = rng::stream_key(3, "bounds", 0);
-        let random = (0..200).map(|i| rng::uniform(key, i));
-        for p in edges.into_iter().chain(random) {
-            let Draw32 { sure, maybe } = Draw32::new(p);
-            let threshold = (p * (1u64 << 53) as f64).ceil() as u64;
-            let near = [0, 1, threshold.saturating_sub(1), threshold, threshold + 1];
-            let spread = (0..64).map(|i| rng::uniform_bits(key, 1000 + i));
-            for d in near.into_iter().chain(spread).filter(|&d| d < 1 << 53) {
-                let kept = (d as f64) * unit < p;
-                let top = (d >> 21) as u32;
-                if top < sure {
-                    assert!(kept, "{p}: {d} judged kept");
+    fn equal_magnitudes_share_their_mean_rank() {
+        // Half of each row is one value: each copy keeps with the mean probability of the
+        // ranks 0..50, 0.3 + 0.4·24.5/99.
+        let (rows, row_len) = (2000, 100);
+        let x: Vec<f32> = (0..rows * row_len)
+            .map(|i| {
+                if i % 2 == 0 {
+                    1.0
+                } else {
+                    2.0 + (i % 100) as f32
                 }
-                if top > maybe {
-                    assert!(!kept, "{p}: {d} judged dropped");
-                }
-            }
-        }
+            })
+            .collect();
+        let (bits, _) = mask_of(&x, row_len, 0.5, 0.2, 4).finish();
+        let kept = (0..x.len())
+            .filter(|&i| i % 2 == 0 && bits[i / 64] >> (i % 64) & 1 == 1)
+            .count() as f64;
+        let p = 0.3 + 0.4 * 24.5 / 99.0;
+        let share = kept / (x.len() / 2) as f64;
+        assert!((share - p).abs() < 0.01, "{share} vs {p}");
     }
 
     #[test]
@@ -718,57 +828,78 @@ mod tests {
     fn judge_paths_agree() {
         let key = rng::stream_key(6, "judge", 0);
         let word = |i: u64| (rng::uniform_bits(key, i) >> 21) as u32;
-        let band = Draw32 {
-            sure: 1 << 30,
-            maybe: 3 << 30,
+        let mut bounds = CoarseBounds {
+            least: [0; COARSE],
+            greatest: [0; COARSE],
         };
-        let mut least = Box::new([0u32; MAX_BUCKETS]);
-        let mut greatest = Box::new([0u32; MAX_BUCKETS]);
-        for b in 0..MAX_BUCKETS {
-            let (x, y) = (word(b as u64), word((b + MAX_BUCKETS) as u64));
-            (least[b], greatest[b]) = (x.min(y), x.max(y));
+        for c in 0..COARSE {
+            let (x, y) = (word(c as u64), word((c + COARSE) as u64));
+            (bounds.least[c], bounds.greatest[c]) = (x.min(y), x.max(y));
         }
-        for len in [1000, 640, 63, 1] {
+        for (len, group_shift) in [(1000, 3), (640, 0), (63, 5), (1, 2)] {
             let draws: Vec<u32> = (0..len).map(|i| word(10_000 + i)).collect();
-            let of: Vec<u32> = (0..len).map(|i| word(20_000 + i) % 600).collect();
-            let buckets = BucketBounds {
-                of: &of,
-                least: &least,
-                greatest: &greatest,
-            };
-            for ranked in [Some(&buckets), None] {
-                let (mut kept, mut undecided) = (Vec::new(), Vec::new());
-                judge(
-                    &draws,
-                    band,
-                    ranked,
-                    &mut kept,
-                    &mut undecided,
-                    &mut Packed::default(),
-                );
-                let mut want_kept = vec![0; kept.len()];
-                let mut want_undecided = Vec::new();
-                judge_portable(&draws, band, ranked, 0, &mut want_kept, &mut want_undecided);
-                assert_eq!(kept, want_kept, "{len}");
-                assert_eq!(undecided, want_undecided, "{len}");
-                assert!(!undecided.is_empty() || len < 100, "{len}");
+            let fine: Vec<u32> = (0..len)
+                .map(|i| word(20_000 + i) % (63 << group_shift) + (i % 2) as u32)
+                .collect();
+            let mut kept = vec![0; (len as usize).div_ceil(64)];
+            let mut open = Vec::new();
+            judge(&draws, &fine, group_shift, &bounds, &mut kept, &mut open);
+            let mut want_kept = vec![0; kept.len()];
+            let mut want_open = Vec::new();
+            let portable = (&draws, &fine, group_shift, &bounds);
+            judge_portable(
+                portable.0,
+                portable.1,
+                portable.2,
+                portable.3,
+                0,
+                &mut want_kept,
+                &mut want_open,
+            );
+            assert_eq!(kept, want_kept, "{len}");
+            assert_eq!(open, want_open, "{len}");
+            assert!(!open.is_empty() || len < 100, "{len}");
+        }
+    }
+
+    #[test]
+    fn vector_kernels_equal_their_loops() {
+        let key = rng::stream_key(9, "totals", 0);
+        let small = |i: u64| (rng::uniform_bits(key, i) % 50) as u32;
+        for n in [0, 1, 15, 16, 17, 100, 513] {
+            let even: Vec<u32> = (0..n).map(|i| small(i as u64)).collect();
+            let odd: Vec<u32> = (0..n).map(|i| small(1000 + i as u64)).collect();
+            let mut start = vec![0; n + 1];
+            running_totals(&even, &odd, &mut start);
+            let mut total = 0;
+            for i in 0..n {
+                total += even[i] + odd[i];
+                assert_eq!(start[i + 1], total, "{n}: {i}");
+            }
+            let values: Vec<f32> = (0..n).map(|i| small(i as u64) as f32 / 8.0).collect();
+            for bound in [0.0f32, 1.0, 3.125, 7.0] {
+                let bits = bound.to_bits();
+                let want = count_below_pair_from(&values, bits, 0, (0, 0));
+                assert_eq!(count_below_pair(&values, bits), want, "{n}: {bound}");
             }
         }
     }
 
-    /// Ranks by a stable sort of (value, position), the definition.
-    fn sorted_ranks(values: &[f32]) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..values.len()).collect();
-        order.sort_by(|&a, &b| values[a].total_cmp(&values[b]).then(a.cmp(&b)));
-        let mut rank = vec![0; values.len()];
-        for (r, &j) in order.iter().enumerate() {
-            rank[j] = r;
+    #[test]
+    fn draws_are_the_dare_stream_across_high_word_edges() {
+        let key = rng::stream_key(1, "draws", 0);
+        for first in [0u64, (1 << 32) - 5, 7 << 32] {
+            let mut out = vec![0; 40];
+            fill_draws(key, first, &mut out);
+            for (j, &d) in out.iter().enumerate() {
+                let i = first + j as u64;
+                assert_eq!(d, Draws::at(key, i).bits(i), "{i}");
+            }
         }
-        rank
     }
 
     #[test]
-    fn ranks_equal_a_stable_sort() {
+    fn buckets_bound_the_mid_ranks() {
         let key = rng::stream_key(2, "sort", 0);
         let all: Vec<f32> = (0..5000u64)
             .map(|i| match i % 5 {
@@ -777,10 +908,11 @@ mod tests {
                 _ => (rng::uniform(key, i) * 30.0 - 15.0).exp() as f32,
             })
             .collect();
+        // Thresholds equal to the doubled rank, so that bounds read as ranks.
+        let by_rank2: Vec<u32> = (0..2 * all.len() as u32).collect();
         for len in [5000, 4999, 70, 3, 2, 1] {
             let values = &all[all.len() - len..];
-            let want = sorted_ranks(values);
-            let mut ranks = RowRanks::default();
+            let want = mid_ranks2(values);
             let mut magnitudes = vec![0.0; len];
             let range = row_magnitudes(values, &vec![0.0; len], &mut magnitudes);
             assert_eq!(magnitudes, values);
@@ -790,47 +922,53 @@ mod tests {
                 nonzero.max().unwrap_or(0),
             );
             assert_eq!(range, want_range, "{len}");
+            let mut ranks = RowRanks::default();
             ranks.index(values, range);
+            let coarse = ranks.coarse_bounds(&by_rank2);
             for (j, &v) in values.iter().enumerate() {
-                let (b, r) = (ranks.bucket(v), want[j]);
-                let span = ranks.start[b] as usize..ranks.start[b + 1] as usize;
-                assert!(
-                    span.contains(&r),
-                    "{len}: {j} has rank {r}, not in {span:?}"
-                );
-                assert_eq!(rank_by_count(values, j), r, "{len}: {j}");
-                ranks.group(values);
-                assert_eq!(ranks.rank(j, v), r, "{len}: {j}");
+                let (f, r) = (ranks.fine[j], want[j] as u32);
+                let (least, greatest) = ranks.fine_bounds(f as usize, &by_rank2);
+                assert!((least..=greatest).contains(&r), "{len}: {j} fine");
+                let c = coarse_of(f, ranks.group_shift);
+                let (least, greatest) = (coarse.least[c], coarse.greatest[c]);
+                assert!((least..=greatest).contains(&r), "{len}: {j} coarse");
+                // Counted among its bucket's members alone, and among those of more buckets.
+                let mut needed = [0u32; COARSE];
+                needed[f as usize / 32] |= 1 << (f % 32);
+                let mut members = Vec::new();
+                gather_members(values, &ranks.fine, &needed, &mut members);
+                let rank2 = ranks.mid_rank2(f as usize, v.to_bits(), &needed, &members);
+                assert_eq!(rank2, want[j], "{len}: {j}");
+                let needed = needed.map(|w| 0xaaaa_aaaa | w);
+                gather_members(values, &ranks.fine, &needed, &mut members);
+                let rank2 = ranks.mid_rank2(f as usize, v.to_bits(), &needed, &members);
+                assert_eq!(rank2, want[j], "{len}: {j}");
             }
         }
     }
 
     #[test]
-    fn mask_equals_ranking_by_a_full_sort() {
+    fn mask_equals_the_mid_rank_formula() {
         let key = rng::stream_key(4, "mask", 1);
         // Crowds of equal magnitudes (unchanged weights, one-ulp steps) leave many ranks to
-        // look up in grouped buckets; spread magnitudes, a few to count.
+        // count; spread magnitudes, a few.
         let magnitude = |crowded: bool, i: u64| match i % 7 {
             0 | 1 if crowded => 0.0,
             2 | 3 if crowded => 1.0 / 4096.0,
+            4 if crowded => 1.0 / 4096.0 + (i % 3) as f32 / 65536.0,
             _ => (rng::uniform(key, i) * 12.0 - 9.0).exp() as f32,
         };
         let runs = [
             (true, 600, 0.4, 0.2),
             (true, 1, 0.5, 0.1),
-            (true, 6000, 0.3, 0.0),
+            (true, 3000, 0.3, 0.0),
             (false, 600, 0.4, 0.2),
             (false, 100, 0.5, 0.3),
+            (true, 1500, 0.5, 0.45),
         ];
         for (crowded, row_len, density, epsilon) in runs {
             let x: Vec<f32> = (0..6000).map(|i| magnitude(crowded, i)).collect();
-            let base = vec![0f32; x.len()];
-            let mut mask = MagPrune::new(x.len(), row_len, density, epsilon, key);
-            for start in (0..x.len()).step_by(777) {
-                let end = (start + 777).min(x.len());
-                mask.observe(&x[start..end], &base[start..end]);
-            }
-            let (bits, l1) = mask.finish();
+            let (bits, l1) = mask_of(&x, row_len, density, epsilon, key).finish();
             let kept_sum: f64 = (0..x.len())
                 .filter(|&i| bits[i / 64] >> (i % 64) & 1 == 1)
                 .map(|i| x[i] as f64)
@@ -844,13 +982,17 @@ mod tests {
                 (l1[1] - kept_sum).abs() <= 1e-5 * kept_sum,
                 "{l1:?} vs {kept_sum}"
             );
-            let top = (row_len - 1).max(1) as f64;
+            let top2 = (2 * (row_len - 1)).max(1) as f64;
             for (r, row) in x.chunks(row_len).enumerate() {
-                for (j, rank) in sorted_ranks(row).into_iter().enumerate() {
-                    let rank_norm = if row_len > 1 { rank as f64 / top } else { 0.5 };
+                for (j, rank2) in mid_ranks2(row).into_iter().enumerate() {
+                    let rank_norm = if row_len > 1 {
+                        rank2 as f64 / top2
+                    } else {
+                        0.5
+                    };
                     let p = density - epsilon + rank_norm * 2.0 * epsilon;
                     let i = r * row_len + j;
-                    let want = rng::uniform(key, i as u64) < p;
+                    let want = Draws::at(key, i as u64).bits(i as u64) < keep_threshold(p);
                     assert_eq!(bits[i / 64] >> (i % 64) & 1 == 1, want, "{row_len}: {i}");
                 }
             }

@@ -2,8 +2,8 @@
 //! disjoint merge, as mergekit does it.
 //!
 //! MagPrune, per model and row (the last dimension; a 1-D tensor is one row): rank |δᵢ| within
-//! the row (r = 0 for the smallest … m − 1), keep each element with probability
-//! pᵣ = density − ε + 2ε·r/(m − 1), then (with `rescale`) restore ‖δᵢ‖₁ over the whole tensor —
+//! the row (r = 0 for the smallest … m − 1; equal magnitudes share their mean rank), keep each
+//! element with probability pᵣ = density − ε + 2ε·r/(m − 1), then (with `rescale`) restore ‖δᵢ‖₁ over the whole tensor —
 //! mergekit's L1 match rather than the paper's per-element 1/pᵣ. Then the GTA pipeline with sign
 //! consensus (`gta`). density ± ε must lie inside (0, 1); density ≥ 1 keeps everything and
 //! density 0 nothing. Defaults: density 1, ε 0.15, normalize true, rescale true, λ 1.
@@ -53,17 +53,19 @@ pub(super) mod tests {
     use super::testing::*;
     use super::*;
 
-    /// MagPrune by the formula: ranks from a full sort of each row, the same random stream.
+    /// MagPrune by the formula: mid-ranks counted over each row, the same random stream.
     pub fn magprune(delta: &[f32], row_len: usize, density: f64, eps: f64, key: u64) -> Vec<f32> {
         let mut out = vec![0f32; delta.len()];
         for (r, row) in delta.chunks(row_len).enumerate() {
-            let mut order: Vec<usize> = (0..row.len()).collect();
-            order.sort_by(|&a, &b| row[a].abs().total_cmp(&row[b].abs()).then(a.cmp(&b)));
-            for (rank, &j) in order.iter().enumerate() {
-                let p = density - eps + 2.0 * eps * rank as f64 / (row.len() - 1) as f64;
-                let index = r * row_len + j;
-                if crate::rng::uniform(key, index as u64) < p {
-                    out[index] = row[j];
+            for (j, &d) in row.iter().enumerate() {
+                let less = row.iter().filter(|v| v.abs() < d.abs()).count();
+                let equal = row.iter().filter(|v| v.abs() == d.abs()).count();
+                let rank2 = (2 * less + equal - 1) as f64;
+                let p = density - eps + 2.0 * eps * rank2 / (2 * (row.len() - 1)) as f64;
+                let index = (r * row_len + j) as u64;
+                let draw = crate::rng::Draws::at(key, index).bits(index);
+                if draw < crate::rng::keep_threshold(p) {
+                    out[r * row_len + j] = d;
                 }
             }
         }
