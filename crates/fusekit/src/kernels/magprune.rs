@@ -585,6 +585,7 @@ impl RowRanks {
 
     /// The thresholds at the least and greatest doubled mid-rank of fine buckets `buckets`, the
     /// zeros being one value: their mid-rank is exact.
+    #[inline]
     fn bounds(&self, buckets: std::ops::RangeInclusive<usize>, by_rank2: &[u32]) -> (u32, u32) {
         let (start, end) = (self.start[*buckets.start()], self.start[buckets.end() + 1]);
         let (start, end) = (start as usize, end as usize);
