@@ -15,7 +15,8 @@
 //! and so its threshold to the span's least and greatest: a draw below the least keeps, one not
 //! below the greatest drops. Coarse buckets (64, groups of the fine ones) decide ~98 % of a row
 //! sixteen elements at a time, their bounds looked up from registers; the fine buckets decide
-//! most of the rest, and the few left get their exact mid-rank by counting over the row.
+//! most of the rest, and the few left (a crowd of equal magnitudes, mostly) get their exact
+//! mid-rank by counting among the members of their fine buckets, once per distinct value.
 
 use super::rows::RowBuffer;
 use crate::rng::{keep_threshold, Draws};
@@ -42,8 +43,9 @@ struct RowScratch {
     draws: Vec<u32>,
     ranks: RowRanks,
     kept: Vec<u64>,
-    /// Positions the coarse buckets leave open, then those the fine buckets leave open.
+    /// Positions the coarse buckets leave open.
     open: Vec<u32>,
+    /// (magnitude bits, position) of those the fine buckets leave open too.
     exact: Vec<(u32, u32)>,
     /// The magnitudes of the fine buckets that exact ranks are counted in.
     members: Vec<f32>,
