@@ -396,15 +396,12 @@ unsafe fn gather_members_avx512(
     members: &mut Vec<f32>,
 ) -> usize {
     use std::arch::x86_64::*;
-    // SAFETY: quarter q holds 16 u32 of the 64.
-    let table =
-        [0, 1, 2, 3].map(|q| unsafe { _mm512_loadu_si512(needed.as_ptr().add(16 * q).cast()) });
+    let table = RegisterTable::load(needed);
     let (five, low_bits, one) = (
         _mm_cvtsi32_si128(5),
         _mm512_set1_epi32(31),
         _mm512_set1_epi32(1),
     );
-    let half = _mm512_set1_epi32(32);
     let whole = values.len() / 16 * 16;
     members.reserve(whole + 16);
     let mut n = members.len();
@@ -413,11 +410,7 @@ unsafe fn gather_members_avx512(
         // the reserved capacity.
         unsafe {
             let f = _mm512_loadu_si512(fine.as_ptr().add(at).cast());
-            let word = _mm512_srl_epi32(f, five);
-            let upper = _mm512_test_epi32_mask(word, half);
-            let low = _mm512_permutex2var_epi32(table[0], word, table[1]);
-            let high = _mm512_permutex2var_epi32(table[2], word, table[3]);
-            let bits = _mm512_mask_blend_epi32(upper, low, high);
+            let bits = table.lookup(_mm512_srl_epi32(f, five));
             let bit = _mm512_srlv_epi32(bits, _mm512_and_si512(f, low_bits));
             let member = _mm512_test_epi32_mask(bit, one);
             let v = _mm512_loadu_ps(values.as_ptr().add(at));
@@ -453,8 +446,37 @@ fn judge_portable(
     }
 }
 
-/// `judge` sixteen elements per vector: each table is four registers, looked up with two
-/// two-register permutes and a blend. Returns where it stopped.
+/// A table of 64 u32 held in four vector registers.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct RegisterTable([std::arch::x86_64::__m512i; 4]);
+
+#[cfg(target_arch = "x86_64")]
+impl RegisterTable {
+    #[target_feature(enable = "avx512f")]
+    fn load(table: &[u32; COARSE]) -> RegisterTable {
+        use std::arch::x86_64::*;
+        // SAFETY: quarter q holds 16 u32 of the 64.
+        RegisterTable(
+            [0, 1, 2, 3].map(|q| unsafe { _mm512_loadu_si512(table.as_ptr().add(16 * q).cast()) }),
+        )
+    }
+
+    /// The entries at sixteen indices below 64: two two-register permutes and a blend.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn lookup(&self, index: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let t = &self.0;
+        let upper = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
+        let low = _mm512_permutex2var_epi32(t[0], index, t[1]);
+        let high = _mm512_permutex2var_epi32(t[2], index, t[3]);
+        _mm512_mask_blend_epi32(upper, low, high)
+    }
+}
+
+/// `judge` sixteen elements per vector, the coarse bounds in registers. Returns where it
+/// stopped.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn judge_avx512(
@@ -466,20 +488,10 @@ unsafe fn judge_avx512(
     open: &mut Vec<u32>,
 ) -> usize {
     use std::arch::x86_64::*;
-    let table = |t: &[u32; COARSE], q: usize| {
-        // SAFETY: quarter q holds 16 u32 of the 64.
-        unsafe { _mm512_loadu_si512(t.as_ptr().add(16 * q).cast()) }
-    };
-    let least = [0, 1, 2, 3].map(|q| table(&bounds.least, q));
-    let greatest = [0, 1, 2, 3].map(|q| table(&bounds.greatest, q));
-    let lookup = |t: &[__m512i; 4], c: __m512i, upper: __mmask16| {
-        let low = _mm512_permutex2var_epi32(t[0], c, t[1]);
-        let high = _mm512_permutex2var_epi32(t[2], c, t[3]);
-        _mm512_mask_blend_epi32(upper, low, high)
-    };
+    let least = RegisterTable::load(&bounds.least);
+    let greatest = RegisterTable::load(&bounds.greatest);
     let round = _mm512_set1_epi32((1 << group_shift) - 1);
     let shift = _mm_cvtsi32_si128(group_shift as i32);
-    let half = _mm512_set1_epi32(32);
     let whole = draws.len() / 64;
     // Open lanes are collected as words and listed after the loop: a push may call the
     // allocator, which would spill the tables around every call.
@@ -497,9 +509,8 @@ unsafe fn judge_avx512(
                     )
                 };
                 let c = _mm512_srl_epi32(_mm512_add_epi32(f, round), shift);
-                let upper = _mm512_test_epi32_mask(c, half);
-                let keep = _mm512_cmplt_epu32_mask(d, lookup(&least, c, upper));
-                let open = _mm512_mask_cmplt_epu32_mask(!keep, d, lookup(&greatest, c, upper));
+                let keep = _mm512_cmplt_epu32_mask(d, least.lookup(c));
+                let open = _mm512_mask_cmplt_epu32_mask(!keep, d, greatest.lookup(c));
                 *word |= (keep as u64) << (16 * g);
                 undecided |= (open as u64) << (16 * g);
             }
