@@ -56,6 +56,39 @@ impl Draws {
     pub fn bits(self, index: u64) -> u32 {
         hash32(index as u32 ^ self.a) ^ self.b
     }
+
+    /// `bits` of sixteen indices at once, given by their low 32 bits (all sharing the high
+    /// 32 bits this view was made for).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    pub fn bits16(self, index: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let splat = |v: u32| _mm512_set1_epi32(v as i32);
+        let shift_xor = |x: __m512i, by: u32| _mm512_xor_si512(x, _mm512_srlv_epi32(x, splat(by)));
+        let mut x = _mm512_xor_si512(index, splat(self.a));
+        x = shift_xor(x, 16);
+        x = _mm512_mullo_epi32(x, splat(HASH32_MULTIPLIERS[0]));
+        x = shift_xor(x, 15);
+        x = _mm512_mullo_epi32(x, splat(HASH32_MULTIPLIERS[1]));
+        x = shift_xor(x, 16);
+        _mm512_xor_si512(x, splat(self.b))
+    }
+
+    /// A view with the given parts, to aim draws at chosen values in tests.
+    #[cfg(test)]
+    pub fn from_parts(a: u32, b: u32) -> Draws {
+        Draws { a, b }
+    }
+
+    /// The 32-bit draw that `bits` gives at `index` is `target` for the view
+    /// `from_parts(a, aimed_at(a, index, target))`.
+    #[cfg(test)]
+    pub fn aimed_at(a: u32, index: u64, target: u32) -> u32 {
+        hash32(index as u32 ^ a) ^ target
+    }
 }
 
 /// The 32-bit threshold under which a draw means "keep" with probability `p` (< 1).
@@ -79,11 +112,13 @@ pub fn keep_threshold(p: f64) -> u32 {
 #[inline(always)]
 fn hash32(mut x: u32) -> u32 {
     x ^= x >> 16;
-    x = x.wrapping_mul(0x7feb_352d);
+    x = x.wrapping_mul(HASH32_MULTIPLIERS[0]);
     x ^= x >> 15;
-    x = x.wrapping_mul(0x846c_a68b);
+    x = x.wrapping_mul(HASH32_MULTIPLIERS[1]);
     x ^ (x >> 16)
 }
+
+const HASH32_MULTIPLIERS: [u32; 2] = [0x7feb_352d, 0x846c_a68b];
 
 #[cfg(test)]
 mod tests {
@@ -130,5 +165,30 @@ mod tests {
             Draws::at(key, 5).bits(5),
             Draws::at(key, 5 + (1 << 32)).bits(5 + (1 << 32))
         );
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sixteen_draws_at_once_are_the_scalar_ones() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let draws = Draws::at(stream_key(4, "w", 0), 77);
+        for first in [0u32, 1000, u32::MAX - 15] {
+            let index: Vec<u32> = (first..=first + 15).collect();
+            let mut out = [0u32; 16];
+            // SAFETY: the CPU has AVX-512F (checked above); both arrays hold sixteen u32.
+            unsafe {
+                use std::arch::x86_64::*;
+                let v = _mm512_loadu_si512(index.as_ptr().cast());
+                _mm512_storeu_si512(out.as_mut_ptr().cast(), draws.bits16(v));
+            }
+            for (i, &d) in index.iter().zip(&out) {
+                assert_eq!(d, draws.bits(*i as u64), "{i}");
+            }
+        }
+        let a = 12345;
+        let b = Draws::aimed_at(a, 99, 7);
+        assert_eq!(Draws::from_parts(a, b).bits(99), 7);
     }
 }

@@ -1,33 +1,42 @@
 //! DELLA's MagPrune mask (Deep et al., arXiv:2406.11617): within each row, rank the task-vector
-//! magnitudes, normalise the ranks to [0, 1] and keep each element with probability
-//! `density − ε + 2ε·rank_norm`, so larger magnitudes survive more often.
+//! magnitudes, normalise the ranks to [0, 1] and keep each element independently with
+//! probability `density − ε + 2ε·rank_norm`, so larger magnitudes survive more often.
 //!
 //! Equal magnitudes share their mean rank (the "mid-rank" `less + (equal − 1)/2`), so each is kept
 //! with the mean of the probabilities of the ranks they span: exactly its chance under torch's
 //! arbitrary tie order in mergekit, and the same for every copy of a value. A row of one element
-//! keeps with probability `density` (mergekit divides by zero there). The draws are the 32-bit
-//! counter-based stream of DARE (`rng::Draws`), so the mask, one bit per element, is a pure
-//! function of (seed, tensor, model).
+//! keeps with probability `density` (mergekit divides by zero there).
 //!
-//! No row is sorted. An element is kept when its draw is below the threshold of its doubled
-//! mid-rank, and thresholds rise with rank. A histogram of the row's magnitudes, over buckets of
-//! equal width in bit-pattern space (zeros apart), bounds each element's rank to its bucket's span,
-//! and so its threshold to the span's least and greatest: a draw below the least keeps, one not
-//! below the greatest drops. Coarse buckets (64, groups of the fine ones) decide ~98 % of a row
-//! sixteen elements at a time, their bounds looked up from registers; the fine buckets decide
-//! most of the rest, and the few left (a crowd of equal magnitudes, mostly) get their exact
-//! mid-rank by counting among the members of their fine buckets, once per distinct value.
+//! No rank is computed. The normalised mid-rank of element i in a row of m is the chance that a
+//! partner j drawn uniformly from the other m − 1 elements has a smaller magnitude, counting an
+//! equal one as half:
+//!
+//! ```text
+//! rank_norm(i) = (less + (equal − 1)/2) / (m − 1) = P_j(|δⱼ| < |δᵢ|) + ½·P_j(|δⱼ| = |δᵢ|)
+//! ```
+//!
+//! So with a uniform draw u and an independent partner j, the rule
+//!
+//! ```text
+//! keep ⇔ u < density − ε                                  (at any rank)
+//!      ∨ u < density + ε ∧ (|δⱼ| < |δᵢ| ∨ |δⱼ| = |δᵢ| ∧ u < density)
+//! ```
+//!
+//! keeps element i with probability `density − ε + 2ε·rank_norm(i)`, exactly; each element's
+//! verdict depends on its own draws alone, so the verdicts are independent, as mergekit's
+//! Bernoulli draws are. One comparison with one gathered magnitude replaces ranking the row.
+//! The draws are 32-bit counter-based streams (`rng::Draws`: u as in DARE, the partner from a
+//! second stream by Lemire's unbiased multiply-and-reject), so the mask, one bit per element, is
+//! a pure function of (seed, tensor, model).
 
 use super::rows::RowBuffer;
-use crate::rng::{keep_threshold, Draws};
+use crate::rng::{keep_threshold, mix, Draws};
 use multiversion::multiversion;
 
 #[derive(Debug)]
 pub struct MagPrune {
     rows: RowBuffer,
-    /// Keep threshold by doubled mid-rank 2F = 0 ..= 2(m − 1): kept when the draw is below it.
-    by_rank2: Vec<u32>,
-    key: u64,
+    rule: Rule,
     bits: Vec<u64>,
     /// ‖δ‖₁ and ‖mask ⊙ δ‖₁ over the rows done, for the rescale, so that it needs no pass of
     /// its own.
@@ -35,44 +44,46 @@ pub struct MagPrune {
     scratch: RowScratch,
 }
 
+/// The keep rule of the module docs, its probabilities as 32-bit draw thresholds.
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    /// A draw below `low` (density − ε) keeps at any rank, one from `high` (density + ε) on
+    /// drops at any rank; between, the partner decides, and at equal magnitudes `tie` (density).
+    low: u32,
+    tie: u32,
+    high: u32,
+    key: u64,
+    partner_key: u64,
+}
+
 /// Per-row scratch, kept between rows.
 #[derive(Debug, Default)]
 struct RowScratch {
     /// |δ| of the row.
     magnitudes: Vec<f32>,
-    draws: Vec<u32>,
-    ranks: RowRanks,
     kept: Vec<u64>,
-    /// Positions the coarse buckets leave open.
-    open: Vec<u32>,
-    /// (magnitude bits, position) of those the fine buckets leave open too.
-    exact: Vec<(u32, u32)>,
-    /// The magnitudes of the fine buckets that exact ranks are counted in.
-    members: Vec<f32>,
+    /// Positions whose partner draw Lemire's method rejects (about one in 2³²/m), and the tail
+    /// after the last whole sixteen: judged by the scalar rule.
+    redo: Vec<u32>,
+    queue: Queue,
 }
 
-/// Coarse buckets: the zeros, then 63 groups of fine buckets. Their bounds fit four vector
-/// registers per table, so judging needs no memory lookups.
-const COARSE: usize = 64;
-
 impl MagPrune {
+    /// A mask over `numel` elements in rows of `row_len` (at most 2³² of them).
     pub fn new(numel: usize, row_len: usize, density: f64, epsilon: f64, key: u64) -> MagPrune {
-        let (low, span) = (density - epsilon, 2.0 * epsilon);
-        let top2 = 2 * (row_len.max(1) - 1);
-        let by_rank2 = (0..=top2)
-            .map(|rank2| {
-                let rank_norm = if top2 > 0 {
-                    rank2 as f64 / top2 as f64
-                } else {
-                    0.5
-                };
-                keep_threshold(low + rank_norm * span)
-            })
-            .collect();
+        assert!(
+            row_len as u64 <= 1 << 32,
+            "MagPrune rows hold at most 2³² elements"
+        );
         MagPrune {
             rows: RowBuffer::new(row_len, 2),
-            by_rank2,
-            key,
+            rule: Rule {
+                low: keep_threshold(density - epsilon),
+                tie: keep_threshold(density),
+                high: keep_threshold(density + epsilon),
+                key,
+                partner_key: mix(key ^ PARTNER_STREAM),
+            },
             bits: vec![0; numel.div_ceil(64)],
             l1: [0.0; 2],
             scratch: RowScratch::default(),
@@ -83,15 +94,14 @@ impl MagPrune {
     pub fn observe(&mut self, x: &[f32], base: &[f32]) {
         let Self {
             rows,
-            by_rank2,
-            key,
+            rule,
             bits,
             l1,
             scratch,
         } = self;
         rows.push(&[x, base], |row, inputs| {
             let first = row * inputs[0].len();
-            let [full, masked] = scratch.judge_row(inputs[0], inputs[1], *key, first, by_rank2);
+            let [full, masked] = scratch.judge_row(inputs[0], inputs[1], first, rule);
             l1[0] += full;
             l1[1] += masked;
             or_at(bits, first, &scratch.kept);
@@ -105,171 +115,240 @@ impl MagPrune {
     }
 }
 
+/// Salts the mask's key into the key of its partner stream.
+const PARTNER_STREAM: u64 = 0x5041_5254_4e45_5253;
+
+impl Rule {
+    /// The verdict on element `j` of a row of `magnitudes`, element `index` of the tensor, given
+    /// its draws.
+    fn keeps(
+        &self,
+        magnitudes: &[f32],
+        j: usize,
+        draw: u32,
+        partner_draw: u32,
+        index: u64,
+    ) -> bool {
+        if draw < self.low || draw >= self.high {
+            return draw < self.low;
+        }
+        let redraw = |attempt: u64| Draws::at(mix(self.partner_key ^ attempt), index).bits(index);
+        let partner = partner(partner_draw, magnitudes.len(), j, redraw);
+        let (mine, theirs) = (magnitudes[j].to_bits(), magnitudes[partner].to_bits());
+        mine > theirs || (mine == theirs && draw < self.tie)
+    }
+}
+
+/// A partner for element `j` of a row of `len`, uniform over the other elements (`j` itself in a
+/// row of one): Lemire's multiply-shift of a 32-bit draw, exact because it rejects the draws
+/// that would favour some partners (`redraw(k)` gives the k-th fresh draw).
+fn partner(draw: u32, len: usize, j: usize, redraw: impl Fn(u64) -> u32) -> usize {
+    let others = len as u64 - 1;
+    if others == 0 {
+        return j;
+    }
+    let reject_below = (1u64 << 32) % others;
+    let (mut draw, mut attempt) = (draw, 0);
+    loop {
+        let product = draw as u64 * others;
+        if product & 0xffff_ffff >= reject_below {
+            let p = (product >> 32) as usize;
+            return p + (p >= j) as usize;
+        }
+        attempt += 1;
+        draw = redraw(attempt);
+    }
+}
+
 impl RowScratch {
     /// Decides the row starting at element `first` into `kept` and returns its L1 norms.
-    fn judge_row(
-        &mut self,
-        x: &[f32],
-        base: &[f32],
-        key: u64,
-        first: usize,
-        by_rank2: &[u32],
-    ) -> [f64; 2] {
+    fn judge_row(&mut self, x: &[f32], base: &[f32], first: usize, rule: &Rule) -> [f64; 2] {
         let m = x.len();
         self.magnitudes.resize(m, 0.0);
-        let range = row_magnitudes(x, base, &mut self.magnitudes);
-        self.draws.resize(m, 0);
-        fill_draws(key, first as u64, &mut self.draws);
+        row_magnitudes(x, base, &mut self.magnitudes);
         self.kept.clear();
         self.kept.resize(m.div_ceil(64), 0);
-        let (least, greatest) = (by_rank2[0], by_rank2[by_rank2.len() - 1]);
-        if least == greatest {
-            // Every rank keeps alike.
-            for (j, &d) in self.draws.iter().enumerate() {
-                self.kept[j / 64] |= ((d < least) as u64) << (j % 64);
-            }
-        } else {
-            self.judge_ranked(range, by_rank2);
-        }
+        self.judge(rule, first as u64);
         l1_norms(&self.magnitudes, &self.kept)
     }
 
-    fn judge_ranked(&mut self, range: (u32, u32), by_rank2: &[u32]) {
+    fn judge(&mut self, rule: &Rule, first: u64) {
         let Self {
             magnitudes,
-            draws,
-            ranks,
             kept,
-            open,
-            exact,
-            members,
+            redo,
+            queue,
         } = self;
-        ranks.index(magnitudes, range);
-        let coarse = ranks.coarse_bounds(by_rank2);
-        judge(draws, &ranks.fine, ranks.group_shift, &coarse, kept, open);
-        exact.clear();
-        let mut needed = [0u32; COARSE];
-        for &j in open.iter() {
-            let (j, f) = (j as usize, ranks.fine[j as usize] as usize);
-            let (least, greatest) = ranks.fine_bounds(f, by_rank2);
-            if draws[j] < least {
-                kept[j / 64] |= 1 << (j % 64);
-            } else if draws[j] < greatest {
-                exact.push((magnitudes[j].to_bits(), j as u32));
-                needed[f / 32] |= 1 << (f % 32);
-            }
+        let m = magnitudes.len();
+        redo.clear();
+        let mut from = 0;
+        // The vector path hashes 32-bit indices: the row must lie within one 2³² stretch.
+        let one_stretch = m > 0 && first >> 32 == (first + m as u64 - 1) >> 32;
+        #[cfg(target_arch = "x86_64")]
+        if m >= 2
+            && one_stretch
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("bmi2")
+        {
+            let views = (
+                Draws::at(rule.key, first),
+                Draws::at(rule.partner_key, first),
+            );
+            // SAFETY: the CPU has AVX-512F and BMI2 (checked above); the row has two elements
+            // or more and lies in one stretch of the draws.
+            from =
+                unsafe { judge_avx512(rule, views, first as u32, magnitudes, queue, kept, redo) };
         }
-        if exact.is_empty() {
-            return;
-        }
-        // Exact ranks count within the fine buckets they fall in, whose members are gathered
-        // in one pass; equal magnitudes share their rank, so each value is counted once.
-        gather_members(magnitudes, &ranks.fine, &needed, members);
-        exact.sort_unstable();
-        let mut counted: Option<(u32, u32)> = None;
-        for &(value, j) in exact.iter() {
-            let threshold = match counted {
-                Some((v, t)) if v == value => t,
-                _ => {
-                    let f = ranks.fine[j as usize] as usize;
-                    let rank2 = ranks.mid_rank2(f, value, &needed, members);
-                    let t = by_rank2[rank2];
-                    counted = Some((value, t));
-                    t
-                }
-            };
-            let j = j as usize;
-            kept[j / 64] |= ((draws[j] < threshold) as u64) << (j % 64);
+        redo.extend(from as u32..m as u32);
+        for &j in redo.iter() {
+            let (j, i) = (j as usize, first + j as u64);
+            let (draw, partner_draw) = (Draws::at(rule.key, i), Draws::at(rule.partner_key, i));
+            let keep = rule.keeps(magnitudes, j, draw.bits(i), partner_draw.bits(i), i);
+            kept[j / 64] = kept[j / 64] & !(1 << (j % 64)) | (keep as u64) << (j % 64);
         }
     }
 }
 
-/// How many of `values` (non-negative) have a bit pattern below `bound` and below `bound + 1`.
-/// (Counted in u32 lanes, a row being shorter than 2³².)
-fn count_below_pair(values: &[f32], bound: u32) -> (u32, u32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked above).
-        let (counts, from) = unsafe { count_below_pair_avx512(values, bound) };
-        return count_below_pair_from(values, bound, from, counts);
-    }
-    count_below_pair_from(values, bound, 0, (0, 0))
+/// The elements whose draw falls between `low` and `high`, queued for their partners.
+#[derive(Debug, Default)]
+struct Queue {
+    positions: Vec<u32>,
+    draws: Vec<u32>,
+    /// Their magnitudes' bit patterns.
+    magnitudes: Vec<u32>,
+    /// Which elements are queued, a bit per element of the row.
+    queued: Vec<u64>,
+    /// The verdict on each queued element, in queue order.
+    verdicts: Vec<u64>,
 }
 
-/// `count_below_pair` continued from element `from`, with the counts so far.
-fn count_below_pair_from(
-    values: &[f32],
-    bound: u32,
-    from: usize,
-    (mut less, mut not_above): (u32, u32),
-) -> (u32, u32) {
-    for v in &values[from..] {
-        less += (v.to_bits() < bound) as u32;
-        not_above += (v.to_bits() <= bound) as u32;
-    }
-    (less, not_above)
-}
-
-/// Sixteen values per compare, each count a masked subtraction of −1 (LLVM widens the mask to
-/// a vector first), the last vector masked; returns the counts and where it stopped (the end).
+/// `Rule::keeps` for the row's elements up to the last whole sixteen, whose index it returns;
+/// queued elements whose partner draw is rejected go to `redo`. Three steps, each vectorised:
+/// draw sixteen elements and settle those outside the band, queueing the rest; judge the queue
+/// sixteen at a time, one gather of partners' magnitudes each; put the verdicts back in place.
+/// `views` are the draws and partner draws of the row's stretch, `first` the low 32 bits of
+/// its first index.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn count_below_pair_avx512(values: &[f32], bound: u32) -> ((u32, u32), usize) {
+#[target_feature(enable = "avx512f,bmi2")]
+unsafe fn judge_avx512(
+    rule: &Rule,
+    (draws, partners): (Draws, Draws),
+    first: u32,
+    magnitudes: &[f32],
+    queue: &mut Queue,
+    kept: &mut [u64],
+    redo: &mut Vec<u32>,
+) -> usize {
     use std::arch::x86_64::*;
-    let (below, not_above) = (
-        _mm512_set1_epi32(bound as i32),
-        _mm512_set1_epi32(bound.wrapping_add(1) as i32),
-    );
-    let minus_one = _mm512_set1_epi32(-1);
-    let mut counts = [_mm512_setzero_si512(); 4];
-    let mut i = 0;
-    while i + 32 <= values.len() {
-        for half in 0..2 {
-            // SAFETY: i + 32 ≤ len for both loads.
-            let x = unsafe { _mm512_loadu_si512(values.as_ptr().add(i + 16 * half).cast()) };
-            let (a, b) = (2 * half, 2 * half + 1);
-            let is_below = _mm512_cmplt_epu32_mask(x, below);
-            counts[a] = _mm512_mask_sub_epi32(counts[a], is_below, counts[a], minus_one);
-            let is_not_above = _mm512_cmplt_epu32_mask(x, not_above);
-            counts[b] = _mm512_mask_sub_epi32(counts[b], is_not_above, counts[b], minus_one);
+    let m = magnitudes.len();
+    assert!(m >= 2 && kept.len() * 64 >= m && first as u64 + m as u64 <= 1 << 32);
+    let whole = m / 16 * 16;
+    let splat = |v: u32| _mm512_set1_epi32(v as i32);
+    let (low, tie, high) = (splat(rule.low), splat(rule.tie), splat(rule.high));
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for list in [
+        &mut queue.positions,
+        &mut queue.draws,
+        &mut queue.magnitudes,
+    ] {
+        list.resize(whole + 16, 0);
+    }
+    queue.queued.clear();
+    queue.queued.resize(m.div_ceil(64), 0);
+    let mut queued = 0;
+    for i in (0..whole).step_by(16) {
+        let position = _mm512_add_epi32(lanes, splat(i as u32));
+        let u = draws.bits16(_mm512_add_epi32(position, splat(first)));
+        let keep = _mm512_cmplt_epu32_mask(u, low);
+        let band = _mm512_mask_cmplt_epu32_mask(!keep, u, high);
+        kept[i / 64] |= (keep as u64) << (i % 64);
+        if band != 0 {
+            queue.queued[i / 64] |= (band as u64) << (i % 64);
+            // SAFETY: i + 16 ≤ whole ≤ m for the load; the queues hold whole + 16 ≥
+            // queued + 16 for the stores.
+            unsafe {
+                let mine = _mm512_loadu_si512(magnitudes.as_ptr().add(i).cast());
+                for (list, values) in [
+                    (&mut queue.positions, position),
+                    (&mut queue.draws, u),
+                    (&mut queue.magnitudes, mine),
+                ] {
+                    let packed = _mm512_maskz_compress_epi32(band, values);
+                    _mm512_storeu_si512(list.as_mut_ptr().add(queued).cast(), packed);
+                }
+            }
+            queued += band.count_ones() as usize;
         }
-        i += 32;
     }
-    while i < values.len() {
-        let lanes = (values.len() - i).min(16);
-        let valid = (((1u32 << lanes) - 1) & 0xffff) as u16;
-        let valid = if lanes == 16 { u16::MAX } else { valid };
-        // SAFETY: the masked load reads only the lanes below len.
-        let x = unsafe { _mm512_maskz_loadu_epi32(valid, values.as_ptr().add(i).cast()) };
-        let is_below = _mm512_mask_cmplt_epu32_mask(valid, x, below);
-        counts[0] = _mm512_mask_sub_epi32(counts[0], is_below, counts[0], minus_one);
-        let is_not_above = _mm512_mask_cmplt_epu32_mask(valid, x, not_above);
-        counts[1] = _mm512_mask_sub_epi32(counts[1], is_not_above, counts[1], minus_one);
-        i += lanes;
-    }
-    let sum = |a: __m512i, b: __m512i| _mm512_reduce_add_epi32(_mm512_add_epi32(a, b)) as u32;
-    let less = sum(counts[0], counts[2]);
-    let not_above = sum(counts[1], counts[3]);
-    ((less, not_above), i)
-}
 
-/// The draws of elements `first..first + out.len()`: `Draws::at(key, i).bits(i)`, one view per
-/// stretch sharing the high 32 bits of the index.
-fn fill_draws(key: u64, first: u64, out: &mut [u32]) {
+    queue.verdicts.clear();
+    queue.verdicts.resize(queued.div_ceil(64) + 1, 0);
+    let others = (m - 1) as u64;
+    let reject_below = splat(((1u64 << 32) % others) as u32);
+    let others = _mm512_set1_epi64(others as i64);
+    let (zero, one) = (_mm512_setzero_si512(), splat(1));
+    for q in (0..queued).step_by(16) {
+        let valid = if q + 16 <= queued {
+            u16::MAX
+        } else {
+            (1u16 << (queued - q)) - 1
+        };
+        // SAFETY: the loads are masked to the queue's length; every gathered partner is below
+        // m (Lemire's quotient of a draw times m − 1, plus one past the element itself).
+        let (position, u, mine) = unsafe {
+            let load =
+                |list: &Vec<u32>| _mm512_maskz_loadu_epi32(valid, list.as_ptr().add(q).cast());
+            (
+                load(&queue.positions),
+                load(&queue.draws),
+                load(&queue.magnitudes),
+            )
+        };
+        let v = partners.bits16(_mm512_add_epi32(position, splat(first)));
+        // Draw × (m − 1) in 64 bits, even and odd lanes apart: the high halves are the
+        // partners, the low halves decide rejection.
+        let even = _mm512_mul_epu32(v, others);
+        let odd = _mm512_mul_epu32(_mm512_srli_epi64::<32>(v), others);
+        let quotient = _mm512_mask_blend_epi32(0xaaaa, _mm512_srli_epi64::<32>(even), odd);
+        let remainder = _mm512_mask_blend_epi32(0xaaaa, even, _mm512_slli_epi64::<32>(odd));
+        let rejected = _mm512_mask_cmplt_epu32_mask(valid, remainder, reject_below);
+        let past_self = _mm512_cmpge_epu32_mask(quotient, position);
+        let partner = _mm512_mask_add_epi32(quotient, past_self, quotient, one);
+        let theirs = unsafe {
+            _mm512_mask_i32gather_epi32::<4>(zero, valid, partner, magnitudes.as_ptr().cast())
+        };
+        let outranks = _mm512_mask_cmpgt_epu32_mask(valid, mine, theirs);
+        let equal = _mm512_mask_cmpeq_epi32_mask(valid, mine, theirs);
+        let verdict = outranks | (equal & _mm512_cmplt_epu32_mask(u, tie));
+        queue.verdicts[q / 64] |= (verdict as u64) << (q % 64);
+        let mut rejected = rejected;
+        while rejected != 0 {
+            redo.push(queue.positions[q + rejected.trailing_zeros() as usize]);
+            rejected &= rejected - 1;
+        }
+    }
+
     let mut at = 0;
-    while at < out.len() {
-        let index = first + at as u64;
-        let left_in_stretch = (1u64 << 32) - (index & 0xffff_ffff);
-        let end = out.len().min(at.saturating_add(left_in_stretch as usize));
-        draw_stretch(Draws::at(key, index), index, &mut out[at..end]);
-        at = end;
+    for (word, &band) in kept.iter_mut().zip(&queue.queued) {
+        if band != 0 {
+            let (w, shift) = (at / 64, at % 64);
+            let next = if shift > 0 {
+                queue.verdicts[w + 1] << (64 - shift)
+            } else {
+                0
+            };
+            *word |= _pdep_u64(queue.verdicts[w] >> shift | next, band);
+            at += band.count_ones() as usize;
+        }
     }
+    whole
 }
 
+/// Writes |x − base| into `magnitudes`.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
-fn draw_stretch(draws: Draws, first: u64, out: &mut [u32]) {
-    for (j, d) in out.iter_mut().enumerate() {
-        *d = draws.bits(first + j as u64);
+fn row_magnitudes(x: &[f32], base: &[f32], magnitudes: &mut [f32]) {
+    for ((m, &v), &b) in magnitudes.iter_mut().zip(x).zip(base) {
+        *m = (v - b).abs();
     }
 }
 
@@ -332,205 +411,6 @@ unsafe fn l1_lanes_avx512(values: &[f32], words: &[u64]) -> ([[f32; 16]; 2], usi
     (lanes, i)
 }
 
-/// Per coarse bucket, the threshold at its least and at its greatest possible doubled mid-rank.
-#[derive(Debug, Clone, Copy)]
-struct CoarseBounds {
-    least: [u32; COARSE],
-    greatest: [u32; COARSE],
-}
-
-/// Judges every element by its coarse bucket (fine bucket `fine[j]` grouped by `group_shift`):
-/// into `kept`, the mask words of the elements kept for sure, and into `open`, the positions
-/// whose bucket does not decide.
-fn judge(
-    draws: &[u32],
-    fine: &[u32],
-    group_shift: u32,
-    bounds: &CoarseBounds,
-    kept: &mut [u64],
-    open: &mut Vec<u32>,
-) {
-    assert!(fine.len() >= draws.len() && kept.len() >= draws.len().div_ceil(64));
-    open.clear();
-    let mut from = 0;
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked above); the lengths are asserted above.
-        from = unsafe { judge_avx512(draws, fine, group_shift, bounds, kept, open) };
-    }
-    judge_portable(draws, fine, group_shift, bounds, from, kept, open);
-}
-
-/// The coarse bucket of fine bucket `f`: 0 for the zeros, else 1 + (f − 1) / group size.
-fn coarse_of(f: u32, group_shift: u32) -> usize {
-    ((f + (1 << group_shift) - 1) >> group_shift) as usize & (COARSE - 1)
-}
-
-/// Gathers into `members` the values whose fine bucket is set in the bitmap `needed` (bit
-/// f % 32 of word f / 32).
-fn gather_members(values: &[f32], fine: &[u32], needed: &[u32; COARSE], members: &mut Vec<f32>) {
-    assert!(fine.len() >= values.len());
-    members.clear();
-    let mut from = 0;
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked above); the lengths are asserted above.
-        from = unsafe { gather_members_avx512(values, fine, needed, members) };
-    }
-    for (&v, &f) in values.iter().zip(fine).skip(from) {
-        let f = f as usize % (32 * COARSE);
-        if needed[f / 32] >> (f % 32) & 1 == 1 {
-            members.push(v);
-        }
-    }
-}
-
-/// `gather_members` sixteen at a time: the bitmap's words looked up from registers like the
-/// coarse bounds, the members packed with a compress. Returns where it stopped.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gather_members_avx512(
-    values: &[f32],
-    fine: &[u32],
-    needed: &[u32; COARSE],
-    members: &mut Vec<f32>,
-) -> usize {
-    use std::arch::x86_64::*;
-    let table = RegisterTable::load(needed);
-    let (five, low_bits, one) = (
-        _mm_cvtsi32_si128(5),
-        _mm512_set1_epi32(31),
-        _mm512_set1_epi32(1),
-    );
-    let whole = values.len() / 16 * 16;
-    members.reserve(whole + 16);
-    let mut n = members.len();
-    for at in (0..whole).step_by(16) {
-        // SAFETY: at + 16 ≤ whole ≤ both lengths; the store writes 16 lanes at n ≤ at, within
-        // the reserved capacity.
-        unsafe {
-            let f = _mm512_loadu_si512(fine.as_ptr().add(at).cast());
-            let bits = table.lookup(_mm512_srl_epi32(f, five));
-            let bit = _mm512_srlv_epi32(bits, _mm512_and_si512(f, low_bits));
-            let member = _mm512_test_epi32_mask(bit, one);
-            let v = _mm512_loadu_ps(values.as_ptr().add(at));
-            _mm512_storeu_ps(
-                members.as_mut_ptr().add(n),
-                _mm512_maskz_compress_ps(member, v),
-            );
-            n += member.count_ones() as usize;
-        }
-    }
-    // SAFETY: the first n elements were written above.
-    unsafe { members.set_len(n) };
-    whole
-}
-
-/// `judge` element by element, from element `from` (a multiple of 64).
-fn judge_portable(
-    draws: &[u32],
-    fine: &[u32],
-    group_shift: u32,
-    bounds: &CoarseBounds,
-    from: usize,
-    kept: &mut [u64],
-    open: &mut Vec<u32>,
-) {
-    for (j, &d) in draws.iter().enumerate().skip(from) {
-        let c = coarse_of(fine[j], group_shift);
-        let keep = d < bounds.least[c];
-        kept[j / 64] |= (keep as u64) << (j % 64);
-        if !keep && d < bounds.greatest[c] {
-            open.push(j as u32);
-        }
-    }
-}
-
-/// A table of 64 u32 held in four vector registers.
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct RegisterTable([std::arch::x86_64::__m512i; 4]);
-
-#[cfg(target_arch = "x86_64")]
-impl RegisterTable {
-    #[target_feature(enable = "avx512f")]
-    fn load(table: &[u32; COARSE]) -> RegisterTable {
-        use std::arch::x86_64::*;
-        // SAFETY: quarter q holds 16 u32 of the 64.
-        RegisterTable(
-            [0, 1, 2, 3].map(|q| unsafe { _mm512_loadu_si512(table.as_ptr().add(16 * q).cast()) }),
-        )
-    }
-
-    /// The entries at sixteen indices below 64: two two-register permutes and a blend.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn lookup(&self, index: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
-        use std::arch::x86_64::*;
-        let t = &self.0;
-        let upper = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
-        let low = _mm512_permutex2var_epi32(t[0], index, t[1]);
-        let high = _mm512_permutex2var_epi32(t[2], index, t[3]);
-        _mm512_mask_blend_epi32(upper, low, high)
-    }
-}
-
-/// `judge` sixteen elements per vector, the coarse bounds in registers. Returns where it
-/// stopped.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn judge_avx512(
-    draws: &[u32],
-    fine: &[u32],
-    group_shift: u32,
-    bounds: &CoarseBounds,
-    kept: &mut [u64],
-    open: &mut Vec<u32>,
-) -> usize {
-    use std::arch::x86_64::*;
-    let least = RegisterTable::load(&bounds.least);
-    let greatest = RegisterTable::load(&bounds.greatest);
-    let round = _mm512_set1_epi32((1 << group_shift) - 1);
-    let shift = _mm_cvtsi32_si128(group_shift as i32);
-    let whole = draws.len() / 64;
-    // Open lanes are collected as words and listed after the loop: a push may call the
-    // allocator, which would spill the tables around every call.
-    let mut open_words = [0u64; 64];
-    for (chunk, kept) in kept[..whole].chunks_mut(64).enumerate() {
-        for (w, word) in kept.iter_mut().enumerate() {
-            let mut undecided = 0u64;
-            for g in 0..4 {
-                let at = (chunk * 64 + w) * 64 + g * 16;
-                // SAFETY: at + 16 ≤ whole · 64 ≤ both lengths (asserted by `judge`).
-                let (f, d) = unsafe {
-                    (
-                        _mm512_loadu_si512(fine.as_ptr().add(at).cast()),
-                        _mm512_loadu_si512(draws.as_ptr().add(at).cast()),
-                    )
-                };
-                let c = _mm512_srl_epi32(_mm512_add_epi32(f, round), shift);
-                let keep = _mm512_cmplt_epu32_mask(d, least.lookup(c));
-                let open = _mm512_mask_cmplt_epu32_mask(!keep, d, greatest.lookup(c));
-                *word |= (keep as u64) << (16 * g);
-                undecided |= (open as u64) << (16 * g);
-            }
-            open_words[w] = undecided;
-        }
-        for (w, &word) in open_words.iter().enumerate().take(kept.len()) {
-            push_positions((chunk * 64 + w) * 64, word, open);
-        }
-    }
-    whole * 64
-}
-
-/// Appends `first` + the positions of the set bits of `word`.
-fn push_positions(first: usize, mut word: u64, positions: &mut Vec<u32>) {
-    while word != 0 {
-        positions.push(first as u32 + word.trailing_zeros());
-        word &= word - 1;
-    }
-}
-
 /// ORs the row's mask words into the tensor's mask, the row starting at element `first`.
 fn or_at(bits: &mut [u64], first: usize, row: &[u64]) {
     let (at, offset) = (first / 64, first % 64);
@@ -544,214 +424,28 @@ fn or_at(bits: &mut [u64], first: usize, row: &[u64]) {
     }
 }
 
-/// Rank bounds within one row of non-negative values: a histogram over fine buckets of equal
-/// width on the row's range of bit patterns (an f32 bit pattern orders like a non-negative
-/// float), zeros in bucket 0, the others in 63 groups of `1 << group_shift` fine buckets.
-#[derive(Debug, Default)]
-struct RowRanks {
-    min: u32,
-    shift: u32,
-    group_shift: u32,
-    /// Fine bucket b holds the ranks start[b]..start[b + 1].
-    start: Vec<u32>,
-    counts: Vec<u32>,
-    fine: Vec<u32>,
-}
-
-impl RowRanks {
-    /// Indexes `values`, whose least nonzero and greatest bit patterns are `(min, max)`.
-    fn index(&mut self, values: &[f32], (min, max): (u32, u32)) {
-        // About a fine bucket per four elements, at most 32 per coarse one (so that the needed
-        // fine buckets fit a bitmap of 64 words). Task vectors of bf16 weights hold crowds of
-        // equal magnitudes, and most exact ranks fall in them; buckets two or four times finer
-        // measured no faster.
-        let group = (values.len() / 4 / COARSE).next_power_of_two().clamp(1, 32);
-        self.group_shift = group.trailing_zeros();
-        let nonzero = (COARSE - 1) * group;
-        let width = max.saturating_sub(min);
-        self.min = min.min(max);
-        self.shift = 0;
-        while width >> self.shift > nonzero as u32 - 1 {
-            self.shift += 1;
-        }
-        self.fine.resize(values.len(), 0);
-        bucket_all(values, self.min, self.shift, &mut self.fine);
-        // Two interleaved histograms, so that neighbours in one bucket do not wait on each
-        // other's increment; a power-of-two size, so that masks spare the bounds checks.
-        let size = COARSE * group;
-        self.counts.clear();
-        self.counts.resize(2 * size, 0);
-        let (even, odd) = self.counts.split_at_mut(size);
-        let last = size - 1;
-        let mut pairs = self.fine.chunks_exact(2);
-        for pair in &mut pairs {
-            even[pair[0] as usize & last] += 1;
-            odd[pair[1] as usize & last] += 1;
-        }
-        if let [b] = pairs.remainder() {
-            even[*b as usize & last] += 1;
-        }
-        self.start.clear();
-        self.start.resize(nonzero + 2, 0);
-        running_totals(even, odd, &mut self.start);
-    }
-
-    /// The thresholds at the least and greatest doubled mid-rank of fine buckets `buckets`, the
-    /// zeros being one value: their mid-rank is exact.
-    #[inline]
-    fn bounds(&self, buckets: std::ops::RangeInclusive<usize>, by_rank2: &[u32]) -> (u32, u32) {
-        let (start, end) = (self.start[*buckets.start()], self.start[buckets.end() + 1]);
-        let (start, end) = (start as usize, end as usize);
-        if end == start {
-            return (0, 0);
-        }
-        if *buckets.start() == 0 && *buckets.end() == 0 {
-            let exact = by_rank2[start + end - 1];
-            return (exact, exact);
-        }
-        (by_rank2[2 * start], by_rank2[2 * (end - 1)])
-    }
-
-    /// The doubled mid-rank of the bit pattern `value`, of fine bucket `bucket`, whose
-    /// members are among `members` with those of the other buckets set in `needed`: the ranks
-    /// below the bucket, plus its members below `value` counted twice, plus those equal, minus
-    /// one.
-    fn mid_rank2(
-        &self,
-        bucket: usize,
-        value: u32,
-        needed: &[u32; COARSE],
-        members: &[f32],
-    ) -> usize {
-        // The members of lower buckets are below `value` too, and counted in `start` already.
-        let mut lower = 0;
-        for (w, &word) in needed.iter().enumerate().take(bucket / 32 + 1) {
-            let mut word = word;
-            while word != 0 {
-                let f = w * 32 + word.trailing_zeros() as usize;
-                if f >= bucket {
-                    break;
-                }
-                lower += self.start[f + 1] - self.start[f];
-                word &= word - 1;
-            }
-        }
-        let (less, not_above) = count_below_pair(members, value);
-        (2 * (self.start[bucket] - lower) + less + not_above) as usize - 1
-    }
-
-    fn fine_bounds(&self, bucket: usize, by_rank2: &[u32]) -> (u32, u32) {
-        self.bounds(bucket..=bucket, by_rank2)
-    }
-
-    fn coarse_bounds(&self, by_rank2: &[u32]) -> CoarseBounds {
-        let mut coarse = CoarseBounds {
-            least: [0; COARSE],
-            greatest: [0; COARSE],
-        };
-        let group = 1usize << self.group_shift;
-        for c in 0..COARSE {
-            let buckets = if c == 0 {
-                0..=0
-            } else {
-                (c - 1) * group + 1..=c * group
-            };
-            (coarse.least[c], coarse.greatest[c]) = self.bounds(buckets, by_rank2);
-        }
-        coarse
-    }
-}
-
-/// start[0] = 0 and start[i + 1] = start[i] + even[i] + odd[i].
-fn running_totals(even: &[u32], odd: &[u32], start: &mut [u32]) {
-    let n = start.len() - 1;
-    assert!(even.len() >= n && odd.len() >= n);
-    let mut from = 0;
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked above); the lengths are asserted above.
-        from = unsafe { running_totals_avx512(even, odd, start) };
-    }
-    for i in from..n {
-        start[i + 1] = start[i] + even[i] + odd[i];
-    }
-}
-
-/// `running_totals` sixteen at a time: a scan inside the vector in four shifted adds, then the
-/// carry from the vectors before. Returns where it stopped.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn running_totals_avx512(even: &[u32], odd: &[u32], start: &mut [u32]) -> usize {
-    use std::arch::x86_64::*;
-    let n = start.len() - 1;
-    let zero = _mm512_setzero_si512();
-    let last = _mm512_set1_epi32(15);
-    let mut carry = zero;
-    let mut i = 0;
-    while i + 16 <= n {
-        // SAFETY: i + 16 ≤ n ≤ both inputs' lengths, and start has n + 1 elements.
-        unsafe {
-            let mut v = _mm512_add_epi32(
-                _mm512_loadu_si512(even.as_ptr().add(i).cast()),
-                _mm512_loadu_si512(odd.as_ptr().add(i).cast()),
-            );
-            v = _mm512_add_epi32(v, _mm512_alignr_epi32::<15>(v, zero));
-            v = _mm512_add_epi32(v, _mm512_alignr_epi32::<14>(v, zero));
-            v = _mm512_add_epi32(v, _mm512_alignr_epi32::<12>(v, zero));
-            v = _mm512_add_epi32(v, _mm512_alignr_epi32::<8>(v, zero));
-            v = _mm512_add_epi32(v, carry);
-            _mm512_storeu_si512(start.as_mut_ptr().add(i + 1).cast(), v);
-            carry = _mm512_permutexvar_epi32(last, v);
-        }
-        i += 16;
-    }
-    i
-}
-
-/// Bucket 0 for zero, else 1 + the distance of the bit pattern from the least nonzero one, in
-/// steps of `1 << shift`.
-fn bucket(v: f32, min: u32, shift: u32) -> u32 {
-    let bits = v.to_bits();
-    if bits == 0 {
-        0
-    } else {
-        ((bits - min) >> shift) + 1
-    }
-}
-
-/// Writes |x − base| into `magnitudes` and returns its least nonzero and its greatest bit
-/// pattern (u32::MAX and 0 for none): one pass while the row is in L1.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
-fn row_magnitudes(x: &[f32], base: &[f32], magnitudes: &mut [f32]) -> (u32, u32) {
-    // Sixteen lanes of (bits − 1, wrapping: zero becomes the greatest) and bits.
-    let (mut below, mut max) = ([u32::MAX; 16], [0u32; 16]);
-    let mut lane = |l: usize, v: f32, b: f32, m: &mut f32| {
-        *m = (v - b).abs();
-        below[l] = below[l].min(m.to_bits().wrapping_sub(1));
-        max[l] = max[l].max(m.to_bits());
-    };
-    let whole = x.len() / 16 * 16;
-    let sixteens = x.chunks_exact(16).zip(base.chunks_exact(16));
-    for ((x, b), m) in sixteens.zip(magnitudes.chunks_exact_mut(16)) {
-        for l in 0..16 {
-            lane(l, x[l], b[l], &mut m[l]);
+/// The mask of `delta` by `Rule::keeps`, element by element: the reference the vector path and
+/// the methods' tests compare with.
+#[cfg(test)]
+pub(crate) fn scalar_mask(
+    delta: &[f32],
+    row_len: usize,
+    density: f64,
+    epsilon: f64,
+    key: u64,
+) -> Vec<bool> {
+    let rule = MagPrune::new(0, row_len, density, epsilon, key).rule;
+    let mut mask = Vec::with_capacity(delta.len());
+    for (r, row) in delta.chunks(row_len).enumerate() {
+        let magnitudes: Vec<f32> = row.iter().map(|d| d.abs()).collect();
+        for j in 0..row.len() {
+            let i = (r * row_len + j) as u64;
+            let (draw, partner_draw) = (Draws::at(key, i), Draws::at(rule.partner_key, i));
+            let (draw, partner_draw) = (draw.bits(i), partner_draw.bits(i));
+            mask.push(rule.keeps(&magnitudes, j, draw, partner_draw, i));
         }
     }
-    for i in whole..x.len() {
-        lane(i - whole, x[i], base[i], &mut magnitudes[i]);
-    }
-    let (below, max) = (below.into_iter().min(), max.into_iter().max());
-    let below = below.unwrap_or(u32::MAX);
-    let min = if below == u32::MAX { below } else { below + 1 };
-    (min, max.unwrap_or(0))
-}
-
-/// `bucket` of every value.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl", "x86_64+avx2+fma"))]
-fn bucket_all(values: &[f32], min: u32, shift: u32, buckets: &mut [u32]) {
-    for (b, &v) in buckets.iter_mut().zip(values) {
-        *b = bucket(v, min, shift);
-    }
+    mask
 }
 
 #[cfg(test)]
@@ -772,6 +466,22 @@ mod tests {
             .collect()
     }
 
+    /// The keep probability of each element of a row by the mid-rank formula.
+    fn probabilities(row: &[f32], density: f64, epsilon: f64) -> Vec<f64> {
+        let top2 = 2 * (row.len() - 1);
+        mid_ranks2(row)
+            .into_iter()
+            .map(|rank2| {
+                let rank_norm = if top2 > 0 {
+                    rank2 as f64 / top2 as f64
+                } else {
+                    0.5
+                };
+                density - epsilon + 2.0 * epsilon * rank_norm
+            })
+            .collect()
+    }
+
     fn mask_of(x: &[f32], row_len: usize, density: f64, epsilon: f64, key: u64) -> MagPrune {
         let base = vec![0f32; x.len()];
         let mut mask = MagPrune::new(x.len(), row_len, density, epsilon, key);
@@ -782,6 +492,22 @@ mod tests {
         mask
     }
 
+    fn kept(bits: &[u64], i: usize) -> bool {
+        bits[i / 64] >> (i % 64) & 1 == 1
+    }
+
+    /// A row pattern of `len` with zeros, crowds of equal values and spread ones.
+    fn crowded_row(key: u64, len: usize) -> Vec<f32> {
+        (0..len as u64)
+            .map(|i| match rng::uniform_bits(key, i) % 7 {
+                0 => 0.0,
+                1 | 2 => 0.25,
+                3 => 0.25 + 1.0 / 1024.0,
+                _ => (rng::uniform(key, 1000 + i) * 12.0 - 9.0).exp() as f32,
+            })
+            .collect()
+    }
+
     #[test]
     fn keeps_larger_magnitudes_more_often() {
         let (rows, row_len) = (400, 100);
@@ -789,17 +515,16 @@ mod tests {
         // Every row holds the magnitudes 0..100 in a shuffled order.
         let x: Vec<f32> = (0..n).map(|i| ((i * 37) % row_len) as f32).collect();
         let (bits, _) = mask_of(&x, row_len, 0.5, 0.2, 9).finish();
-        let kept = |i: usize| bits[i / 64] >> (i % 64) & 1 == 1;
         // Magnitude r has rank r: kept with probability 0.3 + 0.4·r/99.
         for r in [0usize, 50, 99] {
             let share = (0..n)
-                .filter(|&i| (i * 37) % row_len == r && kept(i))
+                .filter(|&i| (i * 37) % row_len == r && kept(&bits, i))
                 .count() as f64
                 / rows as f64;
             let p = 0.3 + 0.4 * r as f64 / 99.0;
             assert!((share - p).abs() < 0.08, "rank {r}: {share} vs {p}");
         }
-        let total = (0..n).filter(|&i| kept(i)).count() as f64 / n as f64;
+        let total = (0..n).filter(|&i| kept(&bits, i)).count() as f64 / n as f64;
         assert!((total - 0.5).abs() < 0.01, "{total}");
     }
 
@@ -819,11 +544,229 @@ mod tests {
             .collect();
         let (bits, _) = mask_of(&x, row_len, 0.5, 0.2, 4).finish();
         let kept = (0..x.len())
-            .filter(|&i| i % 2 == 0 && bits[i / 64] >> (i % 64) & 1 == 1)
+            .filter(|&i| i % 2 == 0 && kept(&bits, i))
             .count() as f64;
         let p = 0.3 + 0.4 * 24.5 / 99.0;
         let share = kept / (x.len() / 2) as f64;
         assert!((share - p).abs() < 0.01, "{share} vs {p}");
+    }
+
+    #[test]
+    fn keep_rates_are_the_mid_rank_probabilities() {
+        // One row pattern repeated over many rows: each position's keep count against its
+        // mid-rank probability, and their χ² over all positions.
+        let key = rng::stream_key(3, "rates", 0);
+        for (row_len, density, epsilon) in [(40, 0.4, 0.25), (17, 0.5, 0.45), (2, 0.3, 0.1)] {
+            let row = crowded_row(key, row_len);
+            let rows = 20_000;
+            let x: Vec<f32> = (0..rows).flat_map(|_| row.iter().copied()).collect();
+            let (bits, _) = mask_of(&x, row_len, density, epsilon, key).finish();
+            let mut chi2 = 0.0;
+            for (j, p) in probabilities(&row, density, epsilon)
+                .into_iter()
+                .enumerate()
+            {
+                let count = (0..rows).filter(|r| kept(&bits, r * row_len + j)).count() as f64;
+                let (mean, var) = (rows as f64 * p, rows as f64 * p * (1.0 - p));
+                let z = (count - mean) / var.sqrt();
+                assert!(z.abs() < 5.0, "{row_len}: position {j}: {count} vs {mean}");
+                chi2 += z * z;
+            }
+            let dof = row_len as f64;
+            assert!(
+                chi2 < dof + 5.0 * (2.0 * dof).sqrt(),
+                "{row_len}: χ² {chi2}"
+            );
+        }
+    }
+
+    #[test]
+    fn verdicts_are_independent() {
+        // Neighbours, and elements that are likely partners (a row of two), are kept together
+        // as often as independent draws are.
+        let key = rng::stream_key(5, "pairs", 0);
+        for row_len in [2, 30] {
+            let row = crowded_row(key, row_len);
+            let p = probabilities(&row, 0.4, 0.3);
+            let rows = 40_000;
+            let x: Vec<f32> = (0..rows).flat_map(|_| row.iter().copied()).collect();
+            let (bits, _) = mask_of(&x, row_len, 0.4, 0.3, key).finish();
+            let (mut both, mut expected, mut var) = (0.0, 0.0, 0.0);
+            for r in 0..rows {
+                for j in 0..row_len - 1 {
+                    let i = r * row_len + j;
+                    both += (kept(&bits, i) && kept(&bits, i + 1)) as u8 as f64;
+                    let q = p[j] * p[j + 1];
+                    expected += q;
+                    var += q * (1.0 - q);
+                }
+            }
+            let z = (both - expected) / var.sqrt();
+            assert!(z.abs() < 5.0, "{row_len}: {both} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn partners_are_uniform_over_the_others() {
+        let key = rng::stream_key(6, "partners", 0);
+        let draw = |i: u64| Draws::at(key, i).bits(i);
+        let never = |_: u64| -> u32 { unreachable!() };
+        assert_eq!(partner(draw(0), 1, 0, never), 0);
+        let (len, j, n) = (6, 2, 600_000u64);
+        let mut counts = [0f64; 6];
+        for i in 0..n {
+            counts[partner(draw(i), len, j, never)] += 1.0;
+        }
+        assert_eq!(counts[j], 0.0);
+        let mean = n as f64 / 5.0;
+        let chi2: f64 = counts
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| k != j)
+            .map(|(_, c)| (c - mean) * (c - mean) / mean)
+            .sum();
+        assert!(chi2 < 25.0, "{counts:?}");
+        // Lemire's rejection: with 3·2³⁰ others the draws whose low product half is below
+        // 2³² mod 3·2³⁰ = 2³⁰ (a quarter of them) are drawn again.
+        let len = (3 << 30) + 1;
+        let others = len as u64 - 1;
+        let reject_below = (1u64 << 32) % others;
+        assert_eq!(reject_below, 1 << 30);
+        let redraws = std::cell::Cell::new(0);
+        let fresh = |k: u64| {
+            redraws.set(redraws.get() + 1);
+            draw(1_000_000 + k)
+        };
+        for v in [0u32, 1, 2, 3, u32::MAX] {
+            redraws.set(0);
+            let p = partner(v, len, 5, fresh);
+            let product = v as u64 * others;
+            let accepted = product & 0xffff_ffff >= reject_below;
+            assert_eq!(redraws.get() == 0, accepted, "{v}");
+            if accepted {
+                let q = (product >> 32) as usize;
+                assert_eq!(p, q + (q >= 5) as usize, "{v}");
+            }
+            assert!(p < len && p != 5, "{v}");
+        }
+    }
+
+    #[test]
+    fn vector_and_scalar_rules_agree() {
+        let key = rng::stream_key(4, "mask", 1);
+        let runs = [
+            (600, 0.4, 0.2),
+            (1, 0.5, 0.1),
+            (2, 0.5, 0.1),
+            (17, 0.3, 0.2),
+            (3000, 0.3, 0.0),
+            (1500, 0.5, 0.45),
+        ];
+        for (row_len, density, epsilon) in runs {
+            let x = crowded_row(key, 6000 / row_len * row_len);
+            let (bits, l1) = mask_of(&x, row_len, density, epsilon, key).finish();
+            let want = scalar_mask(&x, row_len, density, epsilon, key);
+            for (i, want) in want.into_iter().enumerate() {
+                assert_eq!(kept(&bits, i), want, "{row_len}: {i}");
+            }
+            let full: f64 = x.iter().map(|&v| v as f64).sum();
+            let masked: f64 = (0..x.len())
+                .filter(|&i| kept(&bits, i))
+                .map(|i| x[i] as f64)
+                .sum();
+            assert!((l1[0] - full).abs() <= 1e-5 * full, "{l1:?} vs {full}");
+            assert!(
+                (l1[1] - masked).abs() <= 1e-5 * masked,
+                "{l1:?} vs {masked}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_rule_compares_with_one_partner() {
+        // The rule by hand: below density − ε keeps, from density + ε drops, between keeps when
+        // the partner is smaller, or equal and the draw below density.
+        let rule = MagPrune::new(4, 4, 0.5, 0.25, 1).rule;
+        let row = [1.0f32, 2.0, 2.0, 3.0];
+        let never = |_: u64| -> u32 { unreachable!() };
+        let quarter = 1u32 << 30;
+        let partner_of = |v: u32, j: usize| partner(v, 4, j, never);
+        // Partner draws 1, 2³⁰·1.5, 2³²−1 pick the first, second and third other element.
+        let picks = [1u32, 3 << 29, u32::MAX];
+        for j in 0..4 {
+            for &v in &picks {
+                let p = partner_of(v, j);
+                assert_ne!(p, j);
+                for (draw, want) in [
+                    (quarter - 1, true),
+                    (3 * quarter, false),
+                    (quarter, row[p] <= row[j]),
+                    (2 * quarter, row[p] < row[j]),
+                ] {
+                    assert_eq!(rule.keeps(&row, j, draw, v, 0), want, "{j} {v} {draw}");
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rejected_partner_draws_are_left_to_the_scalar_rule() {
+        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("bmi2")) {
+            return;
+        }
+        // Views aimed so that element 37 draws inside the band and partner draw 0, which
+        // Lemire's method rejects for 99 others (2³² mod 99 = 4).
+        let key = rng::stream_key(7, "redo", 0);
+        let (row_len, first, aimed) = (100, 5000u32, 37u32);
+        let rule = MagPrune::new(row_len, row_len, 0.5, 0.3, key).rule;
+        let index = (first + aimed) as u64;
+        let draws = Draws::from_parts(11, Draws::aimed_at(11, index, rule.low + 1));
+        let partners = Draws::from_parts(22, Draws::aimed_at(22, index, 0));
+        let magnitudes = crowded_row(key, row_len);
+        let (mut queue, mut bits, mut redo) = (Queue::default(), vec![0; 2], Vec::new());
+        // SAFETY: the CPU has AVX-512F and BMI2 (checked above).
+        let whole = unsafe {
+            let views = (draws, partners);
+            judge_avx512(
+                &rule,
+                views,
+                first,
+                &magnitudes,
+                &mut queue,
+                &mut bits,
+                &mut redo,
+            )
+        };
+        assert_eq!((whole, redo), (96, vec![aimed]));
+        for j in (0..96).filter(|&j| j != aimed as usize) {
+            let i = first as u64 + j as u64;
+            let want = rule.keeps(&magnitudes, j, draws.bits(i), partners.bits(i), i);
+            assert_eq!(kept(&bits, j), want, "{j}");
+        }
+    }
+
+    #[test]
+    fn rows_across_a_stretch_edge_follow_the_rule() {
+        let key = rng::stream_key(2, "edge", 0);
+        let rule = MagPrune::new(0, 300, 0.4, 0.3, key).rule;
+        for first in [(1u64 << 32) - 100, (1 << 32) - 300, 1 << 32] {
+            let mut scratch = RowScratch {
+                magnitudes: crowded_row(key, 300),
+                kept: vec![0; 5],
+                ..RowScratch::default()
+            };
+            scratch.judge(&rule, first);
+            for j in 0..300 {
+                let i = first + j as u64;
+                let (d, v) = (
+                    Draws::at(key, i).bits(i),
+                    Draws::at(rule.partner_key, i).bits(i),
+                );
+                let want = rule.keeps(&scratch.magnitudes, j, d, v, i);
+                assert_eq!(kept(&scratch.kept, j), want, "{first}: {j}");
+            }
+        }
     }
 
     #[test]
@@ -835,181 +778,6 @@ mod tests {
             let values = &values[..len];
             let portable = l1_sum(l1_lanes(values, &words, 0, [[0.0; 16]; 2]));
             assert_eq!(l1_norms(values, &words), portable, "{len}");
-        }
-    }
-
-    #[test]
-    fn judge_paths_agree() {
-        let key = rng::stream_key(6, "judge", 0);
-        let word = |i: u64| (rng::uniform_bits(key, i) >> 21) as u32;
-        let mut bounds = CoarseBounds {
-            least: [0; COARSE],
-            greatest: [0; COARSE],
-        };
-        for c in 0..COARSE {
-            let (x, y) = (word(c as u64), word((c + COARSE) as u64));
-            (bounds.least[c], bounds.greatest[c]) = (x.min(y), x.max(y));
-        }
-        for (len, group_shift) in [(1000, 3), (640, 0), (63, 5), (1, 2)] {
-            let draws: Vec<u32> = (0..len).map(|i| word(10_000 + i)).collect();
-            let fine: Vec<u32> = (0..len)
-                .map(|i| word(20_000 + i) % (63 << group_shift) + (i % 2) as u32)
-                .collect();
-            let mut kept = vec![0; (len as usize).div_ceil(64)];
-            let mut open = Vec::new();
-            judge(&draws, &fine, group_shift, &bounds, &mut kept, &mut open);
-            let mut want_kept = vec![0; kept.len()];
-            let mut want_open = Vec::new();
-            let portable = (&draws, &fine, group_shift, &bounds);
-            judge_portable(
-                portable.0,
-                portable.1,
-                portable.2,
-                portable.3,
-                0,
-                &mut want_kept,
-                &mut want_open,
-            );
-            assert_eq!(kept, want_kept, "{len}");
-            assert_eq!(open, want_open, "{len}");
-            assert!(!open.is_empty() || len < 100, "{len}");
-        }
-    }
-
-    #[test]
-    fn vector_kernels_equal_their_loops() {
-        let key = rng::stream_key(9, "totals", 0);
-        let small = |i: u64| (rng::uniform_bits(key, i) % 50) as u32;
-        for n in [0, 1, 15, 16, 17, 100, 513] {
-            let even: Vec<u32> = (0..n).map(|i| small(i as u64)).collect();
-            let odd: Vec<u32> = (0..n).map(|i| small(1000 + i as u64)).collect();
-            let mut start = vec![0; n + 1];
-            running_totals(&even, &odd, &mut start);
-            let mut total = 0;
-            for i in 0..n {
-                total += even[i] + odd[i];
-                assert_eq!(start[i + 1], total, "{n}: {i}");
-            }
-            let values: Vec<f32> = (0..n).map(|i| small(i as u64) as f32 / 8.0).collect();
-            for bound in [0.0f32, 1.0, 3.125, 7.0] {
-                let bits = bound.to_bits();
-                let want = count_below_pair_from(&values, bits, 0, (0, 0));
-                assert_eq!(count_below_pair(&values, bits), want, "{n}: {bound}");
-            }
-        }
-    }
-
-    #[test]
-    fn draws_are_the_dare_stream_across_high_word_edges() {
-        let key = rng::stream_key(1, "draws", 0);
-        for first in [0u64, (1 << 32) - 5, 7 << 32] {
-            let mut out = vec![0; 40];
-            fill_draws(key, first, &mut out);
-            for (j, &d) in out.iter().enumerate() {
-                let i = first + j as u64;
-                assert_eq!(d, Draws::at(key, i).bits(i), "{i}");
-            }
-        }
-    }
-
-    #[test]
-    fn buckets_bound_the_mid_ranks() {
-        let key = rng::stream_key(2, "sort", 0);
-        let all: Vec<f32> = (0..5000u64)
-            .map(|i| match i % 5 {
-                0 => 0.0,
-                1 => 0.25,
-                _ => (rng::uniform(key, i) * 30.0 - 15.0).exp() as f32,
-            })
-            .collect();
-        // Thresholds equal to the doubled rank, so that bounds read as ranks.
-        let by_rank2: Vec<u32> = (0..2 * all.len() as u32).collect();
-        for len in [5000, 4999, 70, 3, 2, 1] {
-            let values = &all[all.len() - len..];
-            let want = mid_ranks2(values);
-            let mut magnitudes = vec![0.0; len];
-            let range = row_magnitudes(values, &vec![0.0; len], &mut magnitudes);
-            assert_eq!(magnitudes, values);
-            let nonzero = values.iter().map(|v| v.to_bits()).filter(|&b| b != 0);
-            let want_range = (
-                nonzero.clone().min().unwrap_or(u32::MAX),
-                nonzero.max().unwrap_or(0),
-            );
-            assert_eq!(range, want_range, "{len}");
-            let mut ranks = RowRanks::default();
-            ranks.index(values, range);
-            let coarse = ranks.coarse_bounds(&by_rank2);
-            for (j, &v) in values.iter().enumerate() {
-                let (f, r) = (ranks.fine[j], want[j] as u32);
-                let (least, greatest) = ranks.fine_bounds(f as usize, &by_rank2);
-                assert!((least..=greatest).contains(&r), "{len}: {j} fine");
-                let c = coarse_of(f, ranks.group_shift);
-                let (least, greatest) = (coarse.least[c], coarse.greatest[c]);
-                assert!((least..=greatest).contains(&r), "{len}: {j} coarse");
-                // Counted among its bucket's members alone, and among those of more buckets.
-                let mut needed = [0u32; COARSE];
-                needed[f as usize / 32] |= 1 << (f % 32);
-                let mut members = Vec::new();
-                gather_members(values, &ranks.fine, &needed, &mut members);
-                let rank2 = ranks.mid_rank2(f as usize, v.to_bits(), &needed, &members);
-                assert_eq!(rank2, want[j], "{len}: {j}");
-                let needed = needed.map(|w| 0xaaaa_aaaa | w);
-                gather_members(values, &ranks.fine, &needed, &mut members);
-                let rank2 = ranks.mid_rank2(f as usize, v.to_bits(), &needed, &members);
-                assert_eq!(rank2, want[j], "{len}: {j}");
-            }
-        }
-    }
-
-    #[test]
-    fn mask_equals_the_mid_rank_formula() {
-        let key = rng::stream_key(4, "mask", 1);
-        // Crowds of equal magnitudes (unchanged weights, one-ulp steps) leave many ranks to
-        // count; spread magnitudes, a few.
-        let magnitude = |crowded: bool, i: u64| match i % 7 {
-            0 | 1 if crowded => 0.0,
-            2 | 3 if crowded => 1.0 / 4096.0,
-            4 if crowded => 1.0 / 4096.0 + (i % 3) as f32 / 65536.0,
-            _ => (rng::uniform(key, i) * 12.0 - 9.0).exp() as f32,
-        };
-        let runs = [
-            (true, 600, 0.4, 0.2),
-            (true, 1, 0.5, 0.1),
-            (true, 3000, 0.3, 0.0),
-            (false, 600, 0.4, 0.2),
-            (false, 100, 0.5, 0.3),
-            (true, 1500, 0.5, 0.45),
-        ];
-        for (crowded, row_len, density, epsilon) in runs {
-            let x: Vec<f32> = (0..6000).map(|i| magnitude(crowded, i)).collect();
-            let (bits, l1) = mask_of(&x, row_len, density, epsilon, key).finish();
-            let kept_sum: f64 = (0..x.len())
-                .filter(|&i| bits[i / 64] >> (i % 64) & 1 == 1)
-                .map(|i| x[i] as f64)
-                .sum();
-            let full_sum: f64 = x.iter().map(|&v| v as f64).sum();
-            assert!(
-                (l1[0] - full_sum).abs() <= 1e-5 * full_sum,
-                "{l1:?} vs {full_sum}"
-            );
-            assert!(
-                (l1[1] - kept_sum).abs() <= 1e-5 * kept_sum,
-                "{l1:?} vs {kept_sum}"
-            );
-            let top2 = (2 * (row_len - 1)).max(1) as f64;
-            for (r, row) in x.chunks(row_len).enumerate() {
-                for (j, rank2) in mid_ranks2(row).into_iter().enumerate() {
-                    let rank_norm = if row_len > 1 {
-                        rank2 as f64 / top2
-                    } else {
-                        0.5
-                    };
-                    let p = density - epsilon + rank_norm * 2.0 * epsilon;
-                    let i = r * row_len + j;
-                    let want = Draws::at(key, i as u64).bits(i as u64) < keep_threshold(p);
-                    assert_eq!(bits[i / 64] >> (i % 64) & 1 == 1, want, "{row_len}: {i}");
-                }
-            }
         }
     }
 }

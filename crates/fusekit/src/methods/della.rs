@@ -53,22 +53,15 @@ pub(super) mod tests {
     use super::testing::*;
     use super::*;
 
-    /// MagPrune by the formula: mid-ranks counted over each row, the same random stream.
+    /// MagPrune by the kernel's rule applied element by element (its own tests check the rule
+    /// against the mid-rank probabilities), then the L1 rescale.
     pub fn magprune(delta: &[f32], row_len: usize, density: f64, eps: f64, key: u64) -> Vec<f32> {
-        let mut out = vec![0f32; delta.len()];
-        for (r, row) in delta.chunks(row_len).enumerate() {
-            for (j, &d) in row.iter().enumerate() {
-                let less = row.iter().filter(|v| v.abs() < d.abs()).count();
-                let equal = row.iter().filter(|v| v.abs() == d.abs()).count();
-                let rank2 = (2 * less + equal - 1) as f64;
-                let p = density - eps + 2.0 * eps * rank2 / (2 * (row.len() - 1)) as f64;
-                let index = (r * row_len + j) as u64;
-                let draw = crate::rng::Draws::at(key, index).bits(index);
-                if draw < crate::rng::keep_threshold(p) {
-                    out[r * row_len + j] = d;
-                }
-            }
-        }
+        let mask = crate::kernels::magprune::scalar_mask(delta, row_len, density, eps, key);
+        let out: Vec<f32> = delta
+            .iter()
+            .zip(mask)
+            .map(|(&d, keep)| if keep { d } else { 0.0 })
+            .collect();
         let before: f64 = delta.iter().map(|d| d.abs() as f64).sum();
         let after: f64 = out.iter().map(|d| d.abs() as f64).sum();
         let scale = if before < 1e-7 || after < 1e-7 {
