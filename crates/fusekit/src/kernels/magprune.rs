@@ -165,14 +165,14 @@ impl RowScratch {
     fn judge_row(&mut self, x: &[f32], base: &[f32], first: usize, rule: &Rule) -> [f64; 2] {
         let m = x.len();
         self.magnitudes.resize(m, 0.0);
-        row_magnitudes(x, base, &mut self.magnitudes);
         self.kept.clear();
         self.kept.resize(m.div_ceil(64), 0);
-        self.judge(rule, first as u64);
+        self.judge(rule, first as u64, x, base);
         l1_norms(&self.magnitudes, &self.kept)
     }
 
-    fn judge(&mut self, rule: &Rule, first: u64) {
+    /// Writes |x − base| into `magnitudes` and the verdicts into `kept` (cleared).
+    fn judge(&mut self, rule: &Rule, first: u64, x: &[f32], base: &[f32]) {
         let Self {
             magnitudes,
             kept,
@@ -180,6 +180,7 @@ impl RowScratch {
             queue,
         } = self;
         let m = magnitudes.len();
+        assert!(x.len() == m && base.len() == m);
         redo.clear();
         let mut from = 0;
         // The vector path hashes 32-bit indices: the row must lie within one 2³² stretch.
@@ -194,11 +195,22 @@ impl RowScratch {
                 Draws::at(rule.key, first),
                 Draws::at(rule.partner_key, first),
             );
+            // Partners may lie in the tail that the vector loop leaves.
+            let whole = m / 16 * 16;
+            row_magnitudes(&x[whole..], &base[whole..], &mut magnitudes[whole..]);
+            let row = Row {
+                x,
+                base,
+                magnitudes,
+            };
             // SAFETY: the CPU has AVX-512F and BMI2 (checked above); the row has two elements
             // or more and lies in one stretch of the draws.
-            from =
-                unsafe { judge_avx512(rule, views, first as u32, magnitudes, queue, kept, redo) };
+            from = unsafe { judge_avx512(rule, views, first as u32, row, queue, kept, redo) };
+        } else {
+            row_magnitudes(x, base, magnitudes);
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        row_magnitudes(x, base, magnitudes);
         redo.extend(from as u32..m as u32);
         for &j in redo.iter() {
             let (j, i) = (j as usize, first + j as u64);
@@ -209,13 +221,21 @@ impl RowScratch {
     }
 }
 
+/// One row's model and base values, and where its magnitudes go.
+struct Row<'a> {
+    x: &'a [f32],
+    base: &'a [f32],
+    magnitudes: &'a mut [f32],
+}
+
 /// The elements whose draw falls between `low` and `high`, queued for their partners.
 #[derive(Debug, Default)]
 struct Queue {
     positions: Vec<u32>,
-    draws: Vec<u32>,
     /// Their magnitudes' bit patterns.
     magnitudes: Vec<u32>,
+    /// Whether each would be kept at an equal partner (its draw below `tie`), in queue order.
+    ties: Vec<u64>,
     /// Which elements are queued, a bit per element of the row.
     queued: Vec<u64>,
     /// The verdict on each queued element, in queue order.
@@ -224,62 +244,87 @@ struct Queue {
 
 /// `Rule::keeps` for the row's elements up to the last whole sixteen, whose index it returns;
 /// queued elements whose partner draw is rejected go to `redo`. Three steps, each vectorised:
-/// draw sixteen elements and settle those outside the band, queueing the rest; judge the queue
+/// draw the elements and settle those outside the band, queueing the rest; judge the queue
 /// sixteen at a time, one gather of partners' magnitudes each; put the verdicts back in place.
-/// `views` are the draws and partner draws of the row's stretch, `first` the low 32 bits of
-/// its first index.
+/// Bits are gathered per 64 elements in registers and stored once. `views` are the draws and
+/// partner draws of the row's stretch, `first` the low 32 bits of its first index. The
+/// magnitudes are written as the draws are judged; those of the tail must be there already.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,bmi2")]
+#[target_feature(enable = "avx512f,bmi2,popcnt")]
 unsafe fn judge_avx512(
     rule: &Rule,
     (draws, partners): (Draws, Draws),
     first: u32,
-    magnitudes: &[f32],
+    row: Row,
     queue: &mut Queue,
     kept: &mut [u64],
     redo: &mut Vec<u32>,
 ) -> usize {
     use std::arch::x86_64::*;
+    let Row {
+        x,
+        base,
+        magnitudes,
+    } = row;
     let m = magnitudes.len();
     assert!(m >= 2 && kept.len() * 64 >= m && first as u64 + m as u64 <= 1 << 32);
+    assert!(x.len() == m && base.len() == m);
     let whole = m / 16 * 16;
     let splat = |v: u32| _mm512_set1_epi32(v as i32);
     let (low, tie, high) = (splat(rule.low), splat(rule.tie), splat(rule.high));
     let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for list in [
-        &mut queue.positions,
-        &mut queue.draws,
-        &mut queue.magnitudes,
-    ] {
-        list.resize(whole + 16, 0);
-    }
+    queue.positions.resize(whole + 16, 0);
+    queue.magnitudes.resize(whole + 16, 0);
     queue.queued.clear();
     queue.queued.resize(m.div_ceil(64), 0);
+    let positions = queue.positions.as_mut_ptr();
+    let queued_magnitudes = queue.magnitudes.as_mut_ptr();
     let mut queued = 0;
-    for i in (0..whole).step_by(16) {
-        let position = _mm512_add_epi32(lanes, splat(i as u32));
+    let mut ties = BitQueue::reusing(std::mem::take(&mut queue.ties));
+    // Sixteen elements from `at`: their positions, (keep, band, tie) masks.
+    let draw = |at: usize| {
+        let position = _mm512_add_epi32(lanes, splat(at as u32));
         let u = draws.bits16(_mm512_add_epi32(position, splat(first)));
         let keep = _mm512_cmplt_epu32_mask(u, low);
         let band = _mm512_mask_cmplt_epu32_mask(!keep, u, high);
-        kept[i / 64] |= (keep as u64) << (i % 64);
-        if band != 0 {
-            queue.queued[i / 64] |= (band as u64) << (i % 64);
-            // SAFETY: i + 16 ≤ whole ≤ m for the load; the queues hold whole + 16 ≥
+        (position, [keep, band, _mm512_cmplt_epu32_mask(u, tie)])
+    };
+    let words = kept.iter_mut().zip(queue.queued.iter_mut());
+    for (w, (kept, queued_bits)) in words.enumerate().take(whole.div_ceil(64)) {
+        // The word's 64 elements, or the sixteens left.
+        let chunks = ((whole - 64 * w) / 16).min(4);
+        let mut masks = [0u64; 3];
+        let mut position = [_mm512_setzero_si512(); 4];
+        for (c, position) in position.iter_mut().enumerate().take(chunks) {
+            let (p, m) = draw(64 * w + 16 * c);
+            *position = p;
+            for (word, mask) in masks.iter_mut().zip(m) {
+                *word |= (mask as u64) << (16 * c);
+            }
+        }
+        let [keep, band, tie_keeps] = masks;
+        *kept = keep;
+        *queued_bits = band;
+        ties.push(_pext_u64(tie_keeps, band), band.count_ones());
+        for (c, &position) in position.iter().enumerate().take(chunks) {
+            let (at, band) = (64 * w + 16 * c, (band >> (16 * c)) as u16);
+            // SAFETY: at + 16 ≤ whole ≤ m for the load; the queues hold whole + 16 ≥
             // queued + 16 for the stores.
             unsafe {
-                let mine = _mm512_loadu_si512(magnitudes.as_ptr().add(i).cast());
-                for (list, values) in [
-                    (&mut queue.positions, position),
-                    (&mut queue.draws, u),
-                    (&mut queue.magnitudes, mine),
-                ] {
-                    let packed = _mm512_maskz_compress_epi32(band, values);
-                    _mm512_storeu_si512(list.as_mut_ptr().add(queued).cast(), packed);
-                }
+                let delta = _mm512_sub_ps(
+                    _mm512_loadu_ps(x.as_ptr().add(at)),
+                    _mm512_loadu_ps(base.as_ptr().add(at)),
+                );
+                let mine = _mm512_andnot_si512(splat(1 << 31), _mm512_castps_si512(delta));
+                _mm512_storeu_si512(magnitudes.as_mut_ptr().add(at).cast(), mine);
+                let pack = |values: __m512i| _mm512_maskz_compress_epi32(band, values);
+                _mm512_storeu_si512(positions.add(queued).cast(), pack(position));
+                _mm512_storeu_si512(queued_magnitudes.add(queued).cast(), pack(mine));
             }
             queued += band.count_ones() as usize;
         }
     }
+    queue.ties = ties.finish();
 
     queue.verdicts.clear();
     queue.verdicts.resize(queued.div_ceil(64) + 1, 0);
@@ -287,6 +332,7 @@ unsafe fn judge_avx512(
     let reject_below = splat(((1u64 << 32) % others) as u32);
     let others = _mm512_set1_epi64(others as i64);
     let (zero, one) = (_mm512_setzero_si512(), splat(1));
+    let mut verdicts = 0u64;
     for q in (0..queued).step_by(16) {
         let valid = if q + 16 <= queued {
             u16::MAX
@@ -295,15 +341,12 @@ unsafe fn judge_avx512(
         };
         // SAFETY: the loads are masked to the queue's length; every gathered partner is below
         // m (Lemire's quotient of a draw times m − 1, plus one past the element itself).
-        let (position, u, mine) = unsafe {
+        let (position, mine) = unsafe {
             let load =
                 |list: &Vec<u32>| _mm512_maskz_loadu_epi32(valid, list.as_ptr().add(q).cast());
-            (
-                load(&queue.positions),
-                load(&queue.draws),
-                load(&queue.magnitudes),
-            )
+            (load(&queue.positions), load(&queue.magnitudes))
         };
+        let tie_keeps = (queue.ties[q / 64] >> (q % 64)) as u16;
         let v = partners.bits16(_mm512_add_epi32(position, splat(first)));
         // Draw × (m − 1) in 64 bits, even and odd lanes apart: the high halves are the
         // partners, the low halves decide rejection.
@@ -319,8 +362,11 @@ unsafe fn judge_avx512(
         };
         let outranks = _mm512_mask_cmpgt_epu32_mask(valid, mine, theirs);
         let equal = _mm512_mask_cmpeq_epi32_mask(valid, mine, theirs);
-        let verdict = outranks | (equal & _mm512_cmplt_epu32_mask(u, tie));
-        queue.verdicts[q / 64] |= (verdict as u64) << (q % 64);
+        verdicts |= ((outranks | (equal & tie_keeps)) as u64) << (q % 64);
+        if q % 64 == 48 || q + 16 >= queued {
+            queue.verdicts[q / 64] = verdicts;
+            verdicts = 0;
+        }
         let mut rejected = rejected;
         while rejected != 0 {
             redo.push(queue.positions[q + rejected.trailing_zeros() as usize]);
@@ -342,6 +388,52 @@ unsafe fn judge_avx512(
         }
     }
     whole
+}
+
+/// Bits appended a run at a time, packed into words.
+#[derive(Debug, Default)]
+struct BitQueue {
+    words: Vec<u64>,
+    /// The word being filled, and how many of its bits are.
+    last: u64,
+    filled: u32,
+}
+
+impl BitQueue {
+    /// An empty queue that fills `words` (cleared) again.
+    fn reusing(mut words: Vec<u64>) -> BitQueue {
+        words.clear();
+        BitQueue {
+            words,
+            ..BitQueue::default()
+        }
+    }
+
+    /// Appends the low `n` bits of `bits` (n ≤ 64; the bits above them clear).
+    fn push(&mut self, bits: u64, n: u32) {
+        if self.filled < 64 {
+            self.last |= bits << self.filled;
+        }
+        let total = self.filled + n;
+        if total >= 64 {
+            self.words.push(self.last);
+            self.last = if self.filled > 0 {
+                bits >> (64 - self.filled)
+            } else {
+                0
+            };
+            self.filled = total - 64;
+        } else {
+            self.filled = total;
+        }
+    }
+
+    /// The words, the last one padded with clear bits, and one clear word after them.
+    fn finish(mut self) -> Vec<u64> {
+        self.words.push(self.last);
+        self.words.push(0);
+        self.words
+    }
 }
 
 /// Writes |x − base| into `magnitudes`.
@@ -725,19 +817,27 @@ mod tests {
         let partners = Draws::from_parts(22, Draws::aimed_at(22, index, 0));
         let magnitudes = crowded_row(key, row_len);
         let (mut queue, mut bits, mut redo) = (Queue::default(), vec![0; 2], Vec::new());
+        // The tail's magnitudes are there already; the rest are written.
+        let mut written = magnitudes.clone();
+        written[..96].fill(0.0);
+        let row = Row {
+            x: &magnitudes,
+            base: &[0.0; 100],
+            magnitudes: &mut written,
+        };
         // SAFETY: the CPU has AVX-512F and BMI2 (checked above).
         let whole = unsafe {
-            let views = (draws, partners);
             judge_avx512(
                 &rule,
-                views,
+                (draws, partners),
                 first,
-                &magnitudes,
+                row,
                 &mut queue,
                 &mut bits,
                 &mut redo,
             )
         };
+        assert_eq!(written, magnitudes);
         assert_eq!((whole, redo), (96, vec![aimed]));
         for j in (0..96).filter(|&j| j != aimed as usize) {
             let i = first as u64 + j as u64;
@@ -752,11 +852,11 @@ mod tests {
         let rule = MagPrune::new(0, 300, 0.4, 0.3, key).rule;
         for first in [(1u64 << 32) - 100, (1 << 32) - 300, 1 << 32] {
             let mut scratch = RowScratch {
-                magnitudes: crowded_row(key, 300),
+                magnitudes: vec![0.0; 300],
                 kept: vec![0; 5],
                 ..RowScratch::default()
             };
-            scratch.judge(&rule, first);
+            scratch.judge(&rule, first, &crowded_row(key, 300), &[0.0; 300]);
             for j in 0..300 {
                 let i = first + j as u64;
                 let (d, v) = (

@@ -222,9 +222,7 @@ fn consensus_merge_from(
 }
 
 /// `consensus_merge` sixteen lanes at a time, for up to four models, up to the last whole
-/// sixteen (returned). The divisor of every subset of agreeing models is summed and rounded
-/// once, ahead, and looked up per lane by the subset's bits: the same values as summing per
-/// lane.
+/// sixteen (returned).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn consensus_merge_avx512(
@@ -233,11 +231,86 @@ unsafe fn consensus_merge_avx512(
     base: &[f32],
     out: &mut [f32],
 ) -> usize {
+    let n = base.len();
+    assert!(mix.weights.len() <= 4 && deltas.len() == n * mix.weights.len() && out.len() == n);
+    // SAFETY: j + 16 ≤ n (the lanes' contract), so the load stays inside model m's deltas.
+    let delta = |m: usize, j: usize| unsafe {
+        std::arch::x86_64::_mm512_loadu_ps(deltas.as_ptr().add(m * n + j))
+    };
+    // SAFETY: the CPU has AVX-512F.
+    unsafe { consensus_lanes_avx512(mix, base, out, delta) }
+}
+
+/// `bitmask_delta` of every model, then `consensus_merge`, sixteen lanes at a time without
+/// storing the deltas, for up to four models (else it does nothing); returns where it stopped.
+/// Model m's mask is `masks[m].0` from bit `start` on, its factor `masks[m].1`.
+pub fn bitmask_consensus(
+    start: usize,
+    masks: &[(&[u64], Factor)],
+    models: &[&[f32]],
+    mix: &Consensus,
+    base: &[f32],
+    out: &mut [f32],
+) -> usize {
+    let n = base.len();
+    assert!(masks.len() == models.len() && models.len() == mix.weights.len());
+    assert!(models.iter().all(|x| x.len() == n) && out.len() == n);
+    assert!(masks.iter().all(|(bits, _)| bits.len() * 64 >= start + n));
+    #[cfg(target_arch = "x86_64")]
+    if models.len() <= 4 && std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above); the lengths are asserted.
+        return unsafe { bitmask_consensus_avx512(start, masks, models, mix, base, out) };
+    }
+    0
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn bitmask_consensus_avx512(
+    start: usize,
+    masks: &[(&[u64], Factor)],
+    models: &[&[f32]],
+    mix: &Consensus,
+    base: &[f32],
+    out: &mut [f32],
+) -> usize {
     use std::arch::x86_64::*;
-    let (n, models) = (base.len(), mix.weights.len());
-    assert!(models <= 4 && deltas.len() == n * models && out.len() == n);
+    let delta = |m: usize, j: usize| {
+        let (bits, factor) = masks[m];
+        let index = start + j;
+        let (w, shift) = (index / 64, index % 64);
+        let mut word = bits[w] >> shift;
+        if shift > 48 {
+            word |= bits[w + 1] << (64 - shift);
+        }
+        // SAFETY: j + 16 ≤ n (the lanes' contract) for both loads.
+        let (x, b) = unsafe {
+            (
+                _mm512_loadu_ps(models[m].as_ptr().add(j)),
+                _mm512_loadu_ps(base.as_ptr().add(j)),
+            )
+        };
+        let scaled = _mm512_mul_ps(_mm512_sub_ps(x, b), _mm512_set1_ps(factor.scale));
+        _mm512_maskz_mul_ps(word as u16, scaled, _mm512_set1_ps(factor.weight))
+    };
+    // SAFETY: the CPU has AVX-512F.
+    unsafe { consensus_lanes_avx512(mix, base, out, delta) }
+}
+
+/// The consensus of `consensus_merge` for up to four models whose deltas at lanes `j..j + 16`
+/// `delta(m, j)` gives, up to the last whole sixteen (returned). The divisor of every subset of
+/// agreeing models is summed and rounded once, ahead, and looked up per lane by the subset's
+/// bits: the same values as summing per lane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn consensus_lanes_avx512(
+    mix: &Consensus,
+    base: &[f32],
+    out: &mut [f32],
+    delta: impl Fn(usize, usize) -> std::arch::x86_64::__m512,
+) -> usize {
     let mut divisors = [1f32; 16];
-    for (subset, q) in divisors.iter_mut().enumerate().take(1 << models) {
+    for (subset, q) in divisors.iter_mut().enumerate().take(1 << mix.weights.len()) {
         let mut sum = 0f32;
         for (m, &w) in mix.weights.iter().enumerate() {
             if subset >> m & 1 == 1 {
@@ -247,21 +320,44 @@ unsafe fn consensus_merge_avx512(
         let sum = mix.round.map_or(sum, |dtype| round_to(dtype, sum));
         *q = if sum == 0.0 { 1.0 } else { sum };
     }
+    // SAFETY (all four): the CPU has AVX-512F.
+    match mix.weights.len() {
+        1 => unsafe { consensus_models_avx512::<1>(&divisors, mix, base, out, delta) },
+        2 => unsafe { consensus_models_avx512::<2>(&divisors, mix, base, out, delta) },
+        3 => unsafe { consensus_models_avx512::<3>(&divisors, mix, base, out, delta) },
+        _ => unsafe { consensus_models_avx512::<4>(&divisors, mix, base, out, delta) },
+    }
+}
+
+/// `consensus_lanes_avx512` for `M` models.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn consensus_models_avx512<const M: usize>(
+    divisors: &[f32; 16],
+    mix: &Consensus,
+    base: &[f32],
+    out: &mut [f32],
+    delta: impl Fn(usize, usize) -> std::arch::x86_64::__m512,
+) -> usize {
+    use std::arch::x86_64::*;
+    let n = base.len();
+    assert!(out.len() == n);
     // SAFETY: sixteen f32 for the load.
     let divisors = unsafe { _mm512_loadu_ps(divisors.as_ptr()) };
     let (zero, lambda) = (_mm512_setzero_ps(), _mm512_set1_ps(mix.lambda));
     let body = n / LANES * LANES;
     for j in (0..body).step_by(LANES) {
-        // SAFETY: j + 16 ≤ n, so every load and the store stay inside their model's slice.
-        let load = |at: usize| unsafe { _mm512_loadu_ps(deltas.as_ptr().add(at)) };
+        let mut d = [zero; M];
+        for (m, d) in d.iter_mut().enumerate() {
+            *d = delta(m, j);
+        }
         let mut sum = zero;
-        for m in 0..models {
-            sum = _mm512_add_ps(sum, load(m * n + j));
+        for &d in &d {
+            sum = _mm512_add_ps(sum, d);
         }
         let positive = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(sum, zero);
         let (mut mixed, mut subset) = (zero, _mm512_setzero_si512());
-        for m in 0..models {
-            let d = load(m * n + j);
+        for (m, &d) in d.iter().enumerate() {
             let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(d, zero);
             let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d, zero);
             let agrees = (above & positive) | (below & !positive);
@@ -274,6 +370,7 @@ unsafe fn consensus_merge_avx512(
         } else {
             mixed
         };
+        // SAFETY: j + 16 ≤ n for the load and the store.
         let b = unsafe { _mm512_loadu_ps(base.as_ptr().add(j)) };
         let o = _mm512_add_ps(b, _mm512_mul_ps(merged, lambda));
         unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(j), o) };
@@ -527,10 +624,13 @@ mod tests {
     #[test]
     fn consensus_merge_matches_the_plain_rule_on_every_lane_and_the_tail() {
         let n = 37;
-        let all_weights = [0.3f32, 0.7, 0.45, -0.2, 0.25];
         // One to five models (a negative weight among them): the vector path with its divisor
         // table up to four, the portable loop beyond.
-        for models in 1..=5 {
+        let weight_sets = [[0.3f32, 0.7, 0.45, -0.2, 0.25], [0.5, 0.5, 1.0, 0.25, 2.0]];
+        for (all_weights, models) in weight_sets
+            .iter()
+            .flat_map(|w| (1..=5).map(move |k| (w, k)))
+        {
             let weights = &all_weights[..models];
             // Zero deltas, ties of sign and a lane where no model agrees all occur.
             let deltas: Vec<f32> = (0..n * models)
@@ -574,6 +674,55 @@ mod tests {
                         "{models} models, {round:?} {normalize} lane {j}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn bitmask_consensus_equals_its_two_steps() {
+        let n = 75;
+        let base: Vec<f32> = (0..n).map(|i| (i as f32 * 0.23).cos()).collect();
+        let x: Vec<Vec<f32>> = (0..4)
+            .map(|m| {
+                (0..n)
+                    .map(|i| ((i * (m + 2)) as f32 * 0.37).sin())
+                    .collect()
+            })
+            .collect();
+        let bits: Vec<Vec<u64>> = (0..4u64)
+            .map(|m| {
+                (0..4)
+                    .map(|w: u64| (w + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ m)
+                    .collect()
+            })
+            .collect();
+        let factors = [(1.5, 0.5), (0.75, 0.5), (1.0, 0.3), (2.0, -0.2)];
+        for (models, start) in [(2, 0), (2, 53), (3, 7), (4, 100), (1, 40)] {
+            let weights: Vec<f32> = factors[..models].iter().map(|f| f.1).collect();
+            let mix = Consensus {
+                weights: &weights,
+                round: Some(Dtype::BF16),
+                normalize: true,
+                lambda: 1.0,
+            };
+            let mut deltas = vec![0f32; n * models];
+            let masks: Vec<(&[u64], Factor)> = (0..models)
+                .map(|m| {
+                    let (scale, weight) = factors[m];
+                    (&bits[m][..], Factor { scale, weight })
+                })
+                .collect();
+            for (m, d) in deltas.chunks_exact_mut(n).enumerate() {
+                bitmask_delta(start, masks[m].0, &x[m], &base, masks[m].1, d);
+            }
+            let mut want = vec![0f32; n];
+            consensus_merge(&deltas, &mix, &base, &mut want);
+            let inputs: Vec<&[f32]> = x[..models].iter().map(|v| &v[..]).collect();
+            let mut out = vec![f32::NAN; n];
+            let done = bitmask_consensus(start, &masks, &inputs, &mix, &base, &mut out);
+            assert!(done == 0 || done == n / 16 * 16, "{done}");
+            for j in 0..done {
+                assert_eq!(out[j].to_bits(), want[j].to_bits(), "{models} {start}: {j}");
             }
         }
     }

@@ -427,9 +427,14 @@ const APPLY_PIECE: usize = 1024;
 impl GtaMerger {
     /// Elements `range` of the block at `start`.
     fn apply_piece(&self, start: usize, inputs: &[&[f32]], range: Range<usize>, out: &mut [f32]) {
+        let done = self.apply_bitmask_consensus(start, inputs, range.clone(), out);
+        let (range, out) = (range.start + done..range.end, &mut out[done..]);
         let base = &inputs[self.base][range.clone()];
         let n = base.len();
         let models = self.models.len();
+        if n == 0 {
+            return;
+        }
         if !self.variant.consensus && self.models.iter().all(Model::masks_by_magnitude) {
             // Each masked delta added straight into the sum (from +0.0, so that zero signs
             // come out as when the deltas were summed).
@@ -455,13 +460,7 @@ impl GtaMerger {
                 m.masked_delta(start + range.start, x, base, m.factor(), d);
             }
             if self.variant.consensus {
-                let mix = task_vectors::Consensus {
-                    weights: &self.weights,
-                    round: self.round,
-                    normalize: self.normalize,
-                    lambda: self.lambda,
-                };
-                task_vectors::consensus_merge(deltas, &mix, base, out);
+                task_vectors::consensus_merge(deltas, &self.consensus(), base, out);
                 return;
             }
             mixed.fill(0.0);
@@ -470,6 +469,45 @@ impl GtaMerger {
             }
             self.finish_plain(base, mixed, out);
         })
+    }
+
+    /// With sign consensus and bit masks (DELLA, DARE after its L1 pass), the masked deltas
+    /// made and mixed in registers, without a pass through memory; returns how many of the
+    /// piece's elements that did (none where the kernel does not apply).
+    fn apply_bitmask_consensus(
+        &self,
+        start: usize,
+        inputs: &[&[f32]],
+        range: Range<usize>,
+        out: &mut [f32],
+    ) -> usize {
+        let k = self.models.len();
+        if !self.variant.consensus || k > 4 {
+            return 0;
+        }
+        // On the stack: this runs for every piece of a thousand elements.
+        let mut masks: [(&[u64], Factor); 4] = [(&[], Factor::ONE); 4];
+        let mut models: [&[f32]; 4] = [&[]; 4];
+        for (i, m) in self.models.iter().enumerate() {
+            let Some(bits) = m.bits.as_deref() else {
+                return 0;
+            };
+            masks[i] = (bits, m.factor());
+            models[i] = &inputs[m.input][range.clone()];
+        }
+        let base = &inputs[self.base][range.clone()];
+        let at = start + range.start;
+        let (masks, models) = (&masks[..k], &models[..k]);
+        task_vectors::bitmask_consensus(at, masks, models, &self.consensus(), base, out)
+    }
+
+    fn consensus(&self) -> task_vectors::Consensus<'_> {
+        task_vectors::Consensus {
+            weights: &self.weights,
+            round: self.round,
+            normalize: self.normalize,
+            lambda: self.lambda,
+        }
     }
 
     /// out = base + the summed deltas, divided and scaled (the path without consensus).
