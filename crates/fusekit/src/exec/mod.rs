@@ -481,6 +481,21 @@ fn with_output_buffer<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     result
 }
 
+/// The block length of a statistics pass: whole rows where the merger works on rows of
+/// `row_len` (as many as fit `BLOCK`, at least one), unless a row is too long to decode whole.
+fn pass_block(row_len: Option<usize>) -> usize {
+    match row_len {
+        Some(row_len) if row_len > 0 && row_len <= MAX_ROW_BLOCK => {
+            row_len * (BLOCK / row_len).max(1)
+        }
+        _ => BLOCK,
+    }
+}
+
+/// The longest row a statistics pass decodes as one block (the scratch holds a block of every
+/// input in f32: 256 KiB each).
+const MAX_ROW_BLOCK: usize = 16 * BLOCK;
+
 /// Statistics passes release input pages every this many elements.
 const RELEASE_STRIDE: usize = 1024 * BLOCK;
 
@@ -494,11 +509,13 @@ fn run_passes(
         if !merger.wants_pass(pass) {
             continue;
         }
-        for first in (0..numel).step_by(RELEASE_STRIDE) {
-            let end = (first + RELEASE_STRIDE).min(numel);
-            for start in (first..end).step_by(BLOCK) {
+        let block = pass_block(merger.pass_row_len());
+        let stride = RELEASE_STRIDE / block * block;
+        for first in (0..numel).step_by(stride) {
+            let end = (first + stride).min(numel);
+            for start in (first..end).step_by(block) {
                 if merger.wants_block(pass, start) {
-                    let len = BLOCK.min(numel - start);
+                    let len = block.min(numel - start);
                     blocks
                         .with_block(start, len, &mut |views| merger.observe(pass, start, views))?;
                 }

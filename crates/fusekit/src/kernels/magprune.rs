@@ -108,6 +108,11 @@ impl MagPrune {
         });
     }
 
+    /// The length of the rows it ranks within.
+    pub fn row_len(&self) -> usize {
+        self.rows.row_len()
+    }
+
     /// The mask, one bit per element (bit i % 64 of word i / 64), and the task vector's L1
     /// norm before and after it.
     pub fn finish(self) -> (Vec<u64>, [f64; 2]) {

@@ -51,6 +51,10 @@ impl RowBuffer {
         }
     }
 
+    pub fn row_len(&self) -> usize {
+        self.row_len
+    }
+
     /// Rows completed so far.
     pub fn rows_done(&self) -> usize {
         self.next_row

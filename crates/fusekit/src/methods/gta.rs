@@ -343,6 +343,12 @@ impl TensorMerger for GtaMerger {
         searches.peek().is_none() || searches.any(|s| s.wants_block(start))
     }
 
+    fn pass_row_len(&self) -> Option<usize> {
+        self.models
+            .iter()
+            .find_map(|m| m.prune.as_ref().map(MagPrune::row_len))
+    }
+
     fn observe(&mut self, _pass: usize, start: usize, inputs: &[&[f32]]) {
         let base = inputs[self.base];
         if self.models.iter().any(Model::searching) {

@@ -197,6 +197,11 @@ pub trait TensorMerger: Send + Sync {
     }
     /// One block of every input, in index order within a pass.
     fn observe(&mut self, _pass: usize, _start: usize, _inputs: &[&[f32]]) {}
+    /// The length of rows that statistics passes work on whole (DELLA's masks), so that blocks
+    /// can hold whole rows rather than pieces to reassemble.
+    fn pass_row_len(&self) -> Option<usize> {
+        None
+    }
     fn end_pass(&mut self, _pass: usize) -> Result<()> {
         Ok(())
     }
