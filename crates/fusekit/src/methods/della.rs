@@ -3,9 +3,10 @@
 //!
 //! MagPrune, per model and row (the last dimension; a 1-D tensor is one row): rank |δᵢ| within
 //! the row (r = 0 for the smallest … m − 1; equal magnitudes share their mean rank), keep each
-//! element with probability pᵣ = density − ε + 2ε·r/(m − 1), then (with `rescale`) restore ‖δᵢ‖₁ over the whole tensor —
-//! mergekit's L1 match rather than the paper's per-element 1/pᵣ. Then the GTA pipeline with sign
-//! consensus (`gta`). density ± ε must lie inside (0, 1); density ≥ 1 keeps everything and
+//! element independently with probability pᵣ = density − ε + 2ε·r/(m − 1) (sampled without
+//! ranking, by comparison with a random partner: `kernels::magprune`), then (with `rescale`)
+//! restore ‖δᵢ‖₁ over the whole tensor — mergekit's L1 match rather than the paper's
+//! per-element 1/pᵣ. Then the GTA pipeline with sign consensus (`gta`). density ± ε must lie inside (0, 1); density ≥ 1 keeps everything and
 //! density 0 nothing. Defaults: density 1, ε 0.15, normalize true, rescale true, λ 1.
 
 use super::gta::{self, gta_params, Sparsify, Variant};
