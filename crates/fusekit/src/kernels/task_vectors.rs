@@ -241,25 +241,31 @@ unsafe fn consensus_merge_avx512(
     unsafe { consensus_lanes_avx512(mix, base, out, delta) }
 }
 
+/// Models whose deltas are masked by bits: model m's values `models[m]`, its mask `masks[m].0`
+/// from bit `start` on, its factor `masks[m].1`.
+pub struct BitMasked<'a> {
+    pub start: usize,
+    pub masks: &'a [(&'a [u64], Factor)],
+    pub models: &'a [&'a [f32]],
+}
+
 /// `bitmask_delta` of every model, then `consensus_merge`, sixteen lanes at a time without
 /// storing the deltas, for up to four models (else it does nothing); returns where it stopped.
-/// Model m's mask is `masks[m].0` from bit `start` on, its factor `masks[m].1`.
 pub fn bitmask_consensus(
-    start: usize,
-    masks: &[(&[u64], Factor)],
-    models: &[&[f32]],
+    masked: &BitMasked,
     mix: &Consensus,
     base: &[f32],
     out: &mut [f32],
 ) -> usize {
-    let n = base.len();
-    assert!(masks.len() == models.len() && models.len() == mix.weights.len());
+    let (n, models) = (base.len(), masked.models);
+    assert!(masked.masks.len() == models.len() && models.len() == mix.weights.len());
     assert!(models.iter().all(|x| x.len() == n) && out.len() == n);
-    assert!(masks.iter().all(|(bits, _)| bits.len() * 64 >= start + n));
+    let end = masked.start + n;
+    assert!(masked.masks.iter().all(|(bits, _)| bits.len() * 64 >= end));
     #[cfg(target_arch = "x86_64")]
     if models.len() <= 4 && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked above); the lengths are asserted.
-        return unsafe { bitmask_consensus_avx512(start, masks, models, mix, base, out) };
+        return unsafe { bitmask_consensus_avx512(masked, mix, base, out) };
     }
     0
 }
@@ -267,14 +273,17 @@ pub fn bitmask_consensus(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn bitmask_consensus_avx512(
-    start: usize,
-    masks: &[(&[u64], Factor)],
-    models: &[&[f32]],
+    masked: &BitMasked,
     mix: &Consensus,
     base: &[f32],
     out: &mut [f32],
 ) -> usize {
     use std::arch::x86_64::*;
+    let BitMasked {
+        start,
+        masks,
+        models,
+    } = *masked;
     let delta = |m: usize, j: usize| {
         let (bits, factor) = masks[m];
         let index = start + j;
@@ -719,7 +728,12 @@ mod tests {
             consensus_merge(&deltas, &mix, &base, &mut want);
             let inputs: Vec<&[f32]> = x[..models].iter().map(|v| &v[..]).collect();
             let mut out = vec![f32::NAN; n];
-            let done = bitmask_consensus(start, &masks, &inputs, &mix, &base, &mut out);
+            let masked = BitMasked {
+                start,
+                masks: &masks,
+                models: &inputs,
+            };
+            let done = bitmask_consensus(&masked, &mix, &base, &mut out);
             assert!(done == 0 || done == n / 16 * 16, "{done}");
             for j in 0..done {
                 assert_eq!(out[j].to_bits(), want[j].to_bits(), "{models} {start}: {j}");

@@ -503,8 +503,12 @@ impl GtaMerger {
         }
         let base = &inputs[self.base][range.clone()];
         let at = start + range.start;
-        let (masks, models) = (&masks[..k], &models[..k]);
-        task_vectors::bitmask_consensus(at, masks, models, &self.consensus(), base, out)
+        let masked = task_vectors::BitMasked {
+            start: at,
+            masks: &masks[..k],
+            models: &models[..k],
+        };
+        task_vectors::bitmask_consensus(&masked, &self.consensus(), base, out)
     }
 
     fn consensus(&self) -> task_vectors::Consensus<'_> {
