@@ -188,13 +188,13 @@ impl RowScratch {
         assert!(x.len() == m && base.len() == m);
         redo.clear();
         let mut from = 0;
-        // The vector path hashes 32-bit indices: the row must lie within one 2³² stretch.
-        let one_stretch = m > 0 && first >> 32 == (first + m as u64 - 1) >> 32;
         #[cfg(target_arch = "x86_64")]
         if m >= 2
-            && one_stretch
+            // The vector path hashes 32-bit indices: the row must lie within one 2³² stretch.
+            && first >> 32 == (first + m as u64 - 1) >> 32
             && std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("bmi2")
+            && std::is_x86_feature_detected!("popcnt")
         {
             let views = (
                 Draws::at(rule.key, first),
@@ -208,8 +208,8 @@ impl RowScratch {
                 base,
                 magnitudes,
             };
-            // SAFETY: the CPU has AVX-512F and BMI2 (checked above); the row has two elements
-            // or more and lies in one stretch of the draws.
+            // SAFETY: the CPU has AVX-512F, BMI2 and POPCNT (checked above); the row has two
+            // elements or more and lies in one stretch of the draws.
             from = unsafe { judge_avx512(rule, views, first as u32, row, queue, kept, redo) };
         } else {
             row_magnitudes(x, base, magnitudes);
@@ -809,7 +809,10 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn rejected_partner_draws_are_left_to_the_scalar_rule() {
-        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("bmi2")) {
+        if !(std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("bmi2")
+            && std::is_x86_feature_detected!("popcnt"))
+        {
             return;
         }
         // Views aimed so that element 37 draws inside the band and partner draw 0, which
@@ -830,7 +833,7 @@ mod tests {
             base: &[0.0; 100],
             magnitudes: &mut written,
         };
-        // SAFETY: the CPU has AVX-512F and BMI2 (checked above).
+        // SAFETY: the CPU has AVX-512F, BMI2 and POPCNT (checked above).
         let whole = unsafe {
             judge_avx512(
                 &rule,
