@@ -1,4 +1,4 @@
-//! Whole rows out of streamed blocks: methods whose statistics are per row (DELLA's ranks, Arcee
+//! Whole rows out of streamed blocks: methods whose statistics are per row (DELLA's masks, Arcee
 //! Fusion's softmax) see blocks in index order and rows that may straddle them.
 
 /// Reassembles rows of `row_len` values of several parallel streams from blocks that arrive in
