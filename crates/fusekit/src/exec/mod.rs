@@ -579,3 +579,24 @@ fn write_output(
     };
     starts.par_iter().try_for_each(one)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_blocks_hold_whole_rows() {
+        assert_eq!(pass_block(None), BLOCK);
+        assert_eq!(pass_block(Some(100)), 100 * (BLOCK / 100));
+        assert_eq!(pass_block(Some(BLOCK + 904)), BLOCK + 904);
+        assert_eq!(pass_block(Some(MAX_ROW_BLOCK)), MAX_ROW_BLOCK);
+        // Rows too long to decode whole, and degenerate ones, fall back to plain blocks.
+        assert_eq!(pass_block(Some(MAX_ROW_BLOCK + 1)), BLOCK);
+        assert_eq!(pass_block(Some(0)), BLOCK);
+        // Release strides stay whole blocks.
+        for row_len in [1, 100, BLOCK + 904, MAX_ROW_BLOCK] {
+            let block = pass_block(Some(row_len));
+            assert!(RELEASE_STRIDE / block * block > 0, "{row_len}");
+        }
+    }
+}
