@@ -142,6 +142,13 @@ impl Rule {
         let (mine, theirs) = (magnitudes[j].to_bits(), magnitudes[partner].to_bits());
         mine > theirs || (mine == theirs && draw < self.tie)
     }
+
+    /// `keeps` with element `index`'s own draws from both streams.
+    fn keeps_at(&self, magnitudes: &[f32], j: usize, index: u64) -> bool {
+        let draw = Draws::at(self.key, index).bits(index);
+        let partner_draw = Draws::at(self.partner_key, index).bits(index);
+        self.keeps(magnitudes, j, draw, partner_draw, index)
+    }
 }
 
 /// A partner for element `j` of a row of `len`, uniform over the other elements (`j` itself in a
@@ -218,9 +225,8 @@ impl RowScratch {
         row_magnitudes(x, base, magnitudes);
         redo.extend(from as u32..m as u32);
         for &j in redo.iter() {
-            let (j, i) = (j as usize, first + j as u64);
-            let (draw, partner_draw) = (Draws::at(rule.key, i), Draws::at(rule.partner_key, i));
-            let keep = rule.keeps(magnitudes, j, draw.bits(i), partner_draw.bits(i), i);
+            let j = j as usize;
+            let keep = rule.keeps_at(magnitudes, j, first + j as u64);
             kept[j / 64] = kept[j / 64] & !(1 << (j % 64)) | (keep as u64) << (j % 64);
         }
     }
@@ -536,10 +542,7 @@ pub(crate) fn scalar_mask(
     for (r, row) in delta.chunks(row_len).enumerate() {
         let magnitudes: Vec<f32> = row.iter().map(|d| d.abs()).collect();
         for j in 0..row.len() {
-            let i = (r * row_len + j) as u64;
-            let (draw, partner_draw) = (Draws::at(key, i), Draws::at(rule.partner_key, i));
-            let (draw, partner_draw) = (draw.bits(i), partner_draw.bits(i));
-            mask.push(rule.keeps(&magnitudes, j, draw, partner_draw, i));
+            mask.push(rule.keeps_at(&magnitudes, j, (r * row_len + j) as u64));
         }
     }
     mask
@@ -866,12 +869,7 @@ mod tests {
             };
             scratch.judge(&rule, first, &crowded_row(key, 300), &[0.0; 300]);
             for j in 0..300 {
-                let i = first + j as u64;
-                let (d, v) = (
-                    Draws::at(key, i).bits(i),
-                    Draws::at(rule.partner_key, i).bits(i),
-                );
-                let want = rule.keeps(&scratch.magnitudes, j, d, v, i);
+                let want = rule.keeps_at(&scratch.magnitudes, j, first + j as u64);
                 assert_eq!(kept(&scratch.kept, j), want, "{first}: {j}");
             }
         }
