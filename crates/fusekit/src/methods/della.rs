@@ -165,4 +165,24 @@ pub(super) mod tests {
             .to_string();
         assert!(err.contains("epsilon") && err.contains("`w`"), "{err}");
     }
+
+    #[test]
+    fn refuses_rows_past_the_partner_draws_range() {
+        // A 1-D tensor is one row; partners are drawn from 32 bits (no data is read).
+        let per = vec![
+            vec![],
+            vec![
+                ("weight", Scalar::Number(1.0)),
+                ("density", Scalar::Number(0.5)),
+            ],
+        ];
+        let p = params(&[], per);
+        let keys = [0u64; 2];
+        let err = Della
+            .merger(&context("w", &[(1 << 32) + 1], &p, &keys))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("2³²") && err.contains("`w`"), "{err}");
+    }
 }

@@ -275,6 +275,12 @@ fn magprune(ctx: &TensorContext, input: usize, density: f64) -> Result<MagPrune>
         ));
     }
     let row_len = row_length(ctx.shape, ctx.numel);
+    if row_len as u64 > 1 << 32 {
+        return Err(Error::tensor(
+            ctx.name,
+            format!("DELLA ranks within rows of at most 2³² elements; this one has {row_len}"),
+        ));
+    }
     Ok(MagPrune::new(
         ctx.numel,
         row_len,
